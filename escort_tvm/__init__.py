@@ -1,0 +1,35 @@
+"""escort-tvm: pruned CNN convolutions compiled by TVM into sparse direct convolutions.
+
+``load`` needs only TVM's runtime; ``build`` and ``from_onnx`` need the full compiler, so they are
+imported on first use and this package stays importable with ``TVM_USE_RUNTIME_LIB=1``.
+"""
+from .compute import Epilogue, conv2d_reference
+from .conv_spec import ConvSpec
+from .report import ConvReport
+from .runtime import Model, load
+from .sparse_format import SparseConvWeight
+
+__version__ = "0.1.0"
+
+
+def build(mod, params=None, target=None, *, min_sparsity=0.7, tuning_log=None):
+    from .build import build as _build
+
+    return _build(mod, params, target, min_sparsity=min_sparsity, tuning_log=tuning_log)
+
+
+build.__doc__ = """Compile a Relax module; every conv2d whose weight is a constant with sparsity >= min_sparsity
+goes to the sparse direct-convolution kernel, all others stay dense. Returns a CompiledModel
+(call it with numpy inputs, read ``.report``, ``.export_library(path)``). ``target``: None (cuda if a
+GPU is visible, else llvm), "llvm", "cuda", a dict or a tvm.target.Target."""
+
+
+def from_onnx(model_or_path, shape_dict=None):
+    """Import an ONNX model; returns (Relax IRModule, {param name: numpy array})."""
+    from .frontend import from_onnx as _from_onnx
+
+    return _from_onnx(model_or_path, shape_dict)
+
+
+__all__ = ["build", "from_onnx", "load", "Model", "ConvReport", "ConvSpec", "SparseConvWeight", "Epilogue",
+           "conv2d_reference"]

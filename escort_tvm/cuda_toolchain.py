@@ -1,0 +1,92 @@
+"""Make CUDA builds carry compiled GPU code, also on a machine with no GPU driver.
+
+TVM's CUDA runtime library links the driver (libcuda.so.1); where the driver is absent the runtime is
+not loaded, and a CUDA build then silently embeds CUDA *source*, which a deployment machine can only
+run with a compiler present. Here we load a real driver if there is one, else a do-nothing stub built
+on first use, then TVM's CUDA runtime, so ``tvm.compile`` produces a fatbin (through nvcc unless the
+NVRTC bindings are installed).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+# The driver entry points TVM's CUDA runtime library resolves at load time.
+_DRIVER_SYMBOLS = ("cuInit", "cuDriverGetVersion", "cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName",
+                   "cuGetErrorString", "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData",
+                   "cuModuleUnload", "cuTensorMapEncodeTiled")
+_ready = False
+
+
+def tvm_lib_dir() -> Path:
+    import tvm
+
+    return Path(tvm.__file__).parent / "lib"
+
+
+def cuda_runtime_loaded() -> bool:
+    import tvm_ffi
+
+    return tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None
+
+
+def load_cuda_runtime(allow_stub: bool) -> None:
+    """Load TVM's CUDA runtime into this process (with the real driver, or the stub if allowed)."""
+    if cuda_runtime_loaded():
+        return
+    try:
+        ctypes.CDLL("libcuda.so.1", ctypes.RTLD_GLOBAL)
+    except OSError:
+        if not allow_stub:
+            raise RuntimeError("no CUDA driver (libcuda.so.1) on this machine: cannot run CUDA code here") from None
+        ctypes.CDLL(str(_driver_stub()), ctypes.RTLD_GLOBAL)
+    lib = tvm_lib_dir() / "libtvm_runtime_cuda.so"
+    if not lib.exists():
+        raise RuntimeError(f"this TVM has no CUDA runtime ({lib} is missing)")
+    ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
+
+
+def _driver_stub() -> Path:
+    cache = Path(os.environ.get("ESCORT_TVM_CACHE", Path.home() / ".cache" / "escort_tvm")) / "driver-stub"
+    so = cache / "libcuda.so.1"
+    if so.exists():
+        return so
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("building for CUDA without a GPU driver needs a C compiler (cc/gcc) for a driver stub")
+    cache.mkdir(parents=True, exist_ok=True)
+    src = cache / "stub.c"
+    src.write_text("".join(f"int {s}(void){{return 100;}}\n" for s in _DRIVER_SYMBOLS))
+    tmp = cache / f"libcuda.so.1.{os.getpid()}"
+    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(src)], check=True)
+    tmp.replace(so)
+    return so
+
+
+def prepare_cuda_build() -> None:
+    """Call before ``tvm.compile`` for a CUDA target."""
+    global _ready
+    if _ready:
+        return
+    try:
+        import cuda.bindings  # noqa: F401  (TVM's default NVRTC path)
+        have_nvrtc = True
+    except ImportError:
+        have_nvrtc = False
+    if not have_nvrtc:
+        if shutil.which("nvcc") is None:
+            raise RuntimeError("building for CUDA needs nvcc on PATH (or the cuda-bindings package for NVRTC)")
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+    load_cuda_runtime(allow_stub=True)
+    _ready = True
+
+
+FATBIN_MAGIC = b"\x50\xed\x55\xba"
+
+
+def carries_gpu_binary(path) -> bool:
+    """True if an exported library embeds a CUDA fatbin (not just CUDA source)."""
+    return FATBIN_MAGIC in Path(path).read_bytes()

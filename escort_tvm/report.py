@@ -1,0 +1,40 @@
+"""The per-conv build report: what each conv2d became and why."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+
+
+@dataclass
+class ConvReport:
+    index: int  # position among the model's conv2d ops, in graph order
+    name: str  # the weight's parameter name where the model has one, else conv2d_<index>
+    input_shape: tuple | None = None
+    weight_shape: tuple | None = None
+    output_shape: tuple | None = None
+    attrs: dict = field(default_factory=dict)  # stride, pad, dilation, groups
+    sparsity: float | None = None
+    nnz: int | None = None
+    kernel: str = "dense"  # "sparse" or "dense"
+    reason: str = ""  # why dense, in plain words; empty for sparse
+    fused: list = field(default_factory=list)  # epilogue ops folded into the kernel
+    schedule: str = ""  # rule name and knobs, for sparse
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        sp = "-" if self.sparsity is None else f"{self.sparsity:.3f}"
+        what = self.kernel + (f" ({' + '.join(self.fused)})" if self.fused else "")
+        tail = self.reason if self.kernel == "dense" else self.schedule
+        return (f"{self.index:3d} {self.name:24.24s} in={_shape(self.input_shape):18s} "
+                f"w={_shape(self.weight_shape):16s} sparsity={sp:5s} {what:22s} {tail}")
+
+
+def _shape(s) -> str:
+    return "x".join(map(str, s)) if s else "?"
+
+
+def format_report(entries) -> str:
+    n_sparse = sum(e.kernel == "sparse" for e in entries)
+    head = f"{len(entries)} conv2d: {n_sparse} sparse, {len(entries) - n_sparse} dense"
+    return "\n".join([head] + [e.line() for e in entries])

@@ -1,0 +1,18 @@
+"""Hand-written schedules of the sparse direct convolution, one rule class per target."""
+from .base import KernelPlan, Knobs, SparseConvRule
+from .cpu import CPUKnobs, SparseConvCPU
+from .cuda import CUDAKnobs, SparseConvCUDA
+
+RULES: tuple[SparseConvRule, ...] = (SparseConvCUDA(), SparseConvCPU())
+
+
+def rule_for(target) -> SparseConvRule:
+    """The sparse-conv rule for a tvm Target; raises for targets with no rule."""
+    for rule in RULES:
+        if rule.is_target(target):
+            return rule
+    raise ValueError(f"no sparse-conv schedule for target kind {target.kind.name!r}")
+
+
+__all__ = ["KernelPlan", "Knobs", "SparseConvRule", "SparseConvCPU", "CPUKnobs",
+           "SparseConvCUDA", "CUDAKnobs", "RULES", "rule_for"]

@@ -1,0 +1,90 @@
+"""What every sparse-conv schedule rule provides, and the knob declaration both defaults and tuner read.
+
+A rule is one small class in the manner of TVM's dlight rules: it says where it applies, declares
+its knobs once (``Knob`` entries with their candidate values), picks defaults from the conv's shape
+and sparsity, and renders a scheduled PrimFunc plus the weight arrays in the layout it reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from itertools import product
+from typing import Any, ClassVar
+
+import numpy as np
+
+from escort_tvm.compute import Epilogue
+from escort_tvm.conv_spec import ConvSpec
+from escort_tvm.sparse_format import SparseConvWeight
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Base of a rule's knob set: subclasses declare fields and ``SPACE`` (field -> candidates)."""
+
+    SPACE: ClassVar[dict[str, tuple]] = {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def with_(self, **kw) -> "Knobs":
+        return replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Knobs":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown knobs for {cls.__name__}: {sorted(unknown)}")
+        knobs = cls(**d)
+        knobs.validate()
+        return knobs
+
+    @classmethod
+    def space(cls):
+        """Every knob combination (the tuner's search space)."""
+        names = list(cls.SPACE)
+        for values in product(*(cls.SPACE[n] for n in names)):
+            yield cls(**dict(zip(names, values)))
+
+    def validate(self) -> None:
+        for name, cands in self.SPACE.items():
+            if getattr(self, name) not in cands:
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r} is not one of {cands}")
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """A scheduled kernel and what it needs: the padded input pitch and its constant weight arrays.
+
+    The kernel's parameters are ``(x_pad[N, C*hp*wp], *weight_arrays, bias[K], y[N, K, OH, OW])``.
+    """
+
+    func: Any  # tvm.tirx.PrimFunc
+    hp: int
+    wp: int
+    weight_arrays: tuple[np.ndarray, ...]
+    rule: str
+    knobs: Knobs
+
+
+class SparseConvRule:
+    name: ClassVar[str]
+    Knobs: ClassVar[type[Knobs]]
+
+    def is_target(self, target) -> bool:
+        raise NotImplementedError
+
+    def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> Knobs:
+        raise NotImplementedError
+
+    def apply(self, spec: ConvSpec, weight: SparseConvWeight, epilogue: Epilogue,
+              knobs: Knobs | None = None) -> KernelPlan:
+        raise NotImplementedError
+
+
+def csr_arrays(weight: SparseConvWeight, spec: ConvSpec, hp: int, wp: int):
+    """row_ptr, stretched offsets and values; an all-zero weight keeps one dummy slot (buffers can't be empty)."""
+    off = weight.stretched_offsets(hp, wp, spec.dilation)
+    val = weight.values
+    if weight.nnz == 0:
+        off, val = np.zeros(1, np.int32), np.zeros(1, np.float32)
+    return weight.row_ptr, off, val
