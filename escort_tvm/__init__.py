@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 
 def build(mod, params=None, target=None, *, min_sparsity=0.7, tuning_log=None):
-    from .build import build as _build
+    from .compiler import build as _build
 
     return _build(mod, params, target, min_sparsity=min_sparsity, tuning_log=tuning_log)
 
