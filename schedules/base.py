@@ -64,6 +64,18 @@ class KernelPlan:
     weight_arrays: tuple[np.ndarray, ...]
     rule: str
     knobs: Knobs
+    spec: ConvSpec | None = None
+
+    @property
+    def needs_padding(self) -> bool:
+        """False when the kernel reads the unpadded NCHW input itself (padding handled on chip)."""
+        return (self.hp, self.wp) != (self.spec.H, self.spec.W) or any(self.spec.pad)
+
+    def prepare_input(self, x: np.ndarray) -> np.ndarray:
+        """The kernel's first argument for an NCHW input (what the graph pass emits as pad + reshape)."""
+        from escort_tvm.compute import padded_input
+
+        return padded_input(x, self.spec, self.hp, self.wp) if self.needs_padding else x
 
 
 class SparseConvRule:

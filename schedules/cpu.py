@@ -45,7 +45,7 @@ class SparseConvCPU(SparseConvRule):
         hp, wp = self.pitch(spec, knobs)
         arrays = csr_arrays(weight, spec, hp, wp)
         func = _cpu_kernel(spec, len(arrays[1]), epilogue, hp, wp, knobs.vector_width)
-        return KernelPlan(func, hp, wp, arrays, self.name, knobs)
+        return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec)
 
 
 def _cpu_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int, VW: int):

@@ -45,7 +45,7 @@ class SparseConvCUDA(SparseConvRule):
         hp, wp = spec.Hp, spec.Wp
         arrays = csr_arrays(weight, spec, hp, wp)
         func = _cuda_kernel(spec, len(arrays[1]), epilogue, hp, wp, knobs)
-        return KernelPlan(func, hp, wp, arrays, self.name, knobs)
+        return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec)
 
 
 def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int, knobs: CUDAKnobs):
