@@ -65,17 +65,15 @@ class KernelPlan:
     rule: str
     knobs: Knobs
     spec: ConvSpec | None = None
-
-    @property
-    def needs_padding(self) -> bool:
-        """False when the kernel reads the unpadded NCHW input itself (padding handled on chip)."""
-        return (self.hp, self.wp) != (self.spec.H, self.spec.W) or any(self.spec.pad)
+    # True: the kernel reads x_pad[N, C*hp*wp] (the pass emits pad + reshape); False: it reads the
+    # plain NCHW input and handles padding on chip.
+    padded_input: bool = True
 
     def prepare_input(self, x: np.ndarray) -> np.ndarray:
-        """The kernel's first argument for an NCHW input (what the graph pass emits as pad + reshape)."""
+        """The kernel's first argument for an NCHW input (what the graph pass emits)."""
         from escort_tvm.compute import padded_input
 
-        return padded_input(x, self.spec, self.hp, self.wp) if self.needs_padding else x
+        return padded_input(x, self.spec, self.hp, self.wp) if self.padded_input else x
 
 
 class SparseConvRule:
