@@ -206,9 +206,10 @@ class _Rewriter(relax.PyExprMutator):
         x = self.visit_expr(site.data)
         pt, pl = spec.pad[0], spec.pad[1]
         if plan.padded_input:
-            if (plan.hp, plan.wp) != (spec.H, spec.W):
-                x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, pt, plan.hp - spec.H - pt, pl, plan.wp - spec.W - pl]))
-            x = bb.emit(relax.op.reshape(x, (spec.N, spec.C * plan.hp * plan.wp)))
+            if (plan.hp, plan.wp) != (spec.H, spec.W) or plan.extra_images:
+                x = bb.emit(relax.op.nn.pad(x, [0, plan.extra_images, 0, 0, pt, plan.hp - spec.H - pt,
+                                                pl, plan.wp - spec.W - pl]))
+            x = bb.emit(relax.op.reshape(x, (spec.N + plan.extra_images, spec.C * plan.hp * plan.wp)))
         func = plan.func.without_attr("global_symbol").with_attr("op_pattern", 8)
         gvar = bb.add_func(func, f"escort_sparse_conv{site.report.index}")
         args = [x] + [relax.const(a) for a in plan.weight_arrays] + [relax.const(site.bias)]

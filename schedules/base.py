@@ -68,12 +68,17 @@ class KernelPlan:
     # True: the kernel reads x_pad[N, C*hp*wp] (the pass emits pad + reshape); False: it reads the
     # plain NCHW input and handles padding on chip.
     padded_input: bool = True
+    # Zero images appended to the batch so a thread's images per block tile the batch exactly.
+    extra_images: int = 0
 
     def prepare_input(self, x: np.ndarray) -> np.ndarray:
         """The kernel's first argument for an NCHW input (what the graph pass emits)."""
         from escort_tvm.compute import padded_input
 
-        return padded_input(x, self.spec, self.hp, self.wp) if self.padded_input else x
+        if not self.padded_input:
+            return x
+        xp = padded_input(x, self.spec, self.hp, self.wp)
+        return np.concatenate([xp, np.zeros((self.extra_images, xp.shape[1]), xp.dtype)]) if self.extra_images else xp
 
 
 class SparseConvRule:

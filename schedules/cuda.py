@@ -1,16 +1,19 @@
-"""CUDA schedule: threads over output pixels, a block's output channels' CSR rows staged in shared memory.
+"""CUDA schedule of the sparse direct convolution: register-tiled Escort.
 
-Escort's mapping, generalised: block (pixel tile, channel group, image); each thread owns one output
-pixel (consecutive threads take consecutive pixels of a row, so loads and stores coalesce) and
-``channels_per_block`` accumulators. The group's nonzeros (stretched offset, value) are copied to
-shared memory in chunks and read back as broadcasts by every thread of the block.
+Block = (tile of output rows x columns, group of output channels, group of images). The group's CSR
+rows (stretched offset, value) are staged in shared memory in chunks and read back as warp-wide
+broadcasts. Each thread owns ``pixels_per_thread`` output columns (strided by the block's width, so
+every load of a warp is one coalesced run) times ``images_per_thread`` images, in registers: one
+staged nonzero then feeds that many FMAs, and their input addresses differ by compile-time
+constants, so the inner loop is loads at immediate offsets from one per-thread base.
+
+The padded input carries extra zero rows/columns (and images) so that threads past the output edge
+read in bounds and need no predicate in the inner loop; only their stores are guarded.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
-
-import numpy as np
 
 from escort_tvm.compute import Epilogue
 from escort_tvm.conv_spec import ConvSpec
@@ -21,84 +24,148 @@ from .base import KernelPlan, Knobs, SparseConvRule, csr_arrays
 
 @dataclass(frozen=True)
 class CUDAKnobs(Knobs):
-    threads: int = 128  # output pixels per block (one per thread)
-    channels_per_block: int = 4  # output channels whose rows share one staged chunk
-    chunk: int = 512  # nonzeros staged in shared memory at a time
-    SPACE: ClassVar = {"threads": (64, 128, 256), "channels_per_block": (1, 2, 4, 8), "chunk": (256, 512, 1024)}
+    threads_x: int = 32  # threads along the output row
+    threads_y: int = 4  # threads along output rows
+    pixels_per_thread: int = 1  # output columns per thread, strided by threads_x
+    images_per_thread: int = 1  # images per thread (input planes at a constant stride)
+    channels_per_block: int = 4  # output channels whose CSR rows one block stages and walks in turn
+    chunk: int = 1024  # nonzeros staged in shared memory at a time
+    SPACE: ClassVar = {
+        "threads_x": (8, 16, 32),
+        "threads_y": (1, 2, 4, 8, 16),
+        "pixels_per_thread": (1, 2, 4),
+        "images_per_thread": (1, 2, 4, 8),
+        "channels_per_block": (1, 2, 4, 8, 16),
+        "chunk": (256, 512, 1024, 2048),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if not 32 <= self.threads_x * self.threads_y <= 1024:
+            raise ValueError(f"threads_x*threads_y={self.threads_x * self.threads_y} must be in [32, 1024]")
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
 
 
 class SparseConvCUDA(SparseConvRule):
-    name = "cuda.pixel_threads"
+    name = "cuda.register_tiled"
     Knobs = CUDAKnobs
 
     def is_target(self, target) -> bool:
         return target.kind.name == "cuda"
 
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> CUDAKnobs:
-        P = spec.OH * spec.OW
-        threads = 64 if P <= 64 else 128 if P <= 4096 else 256
-        return CUDAKnobs(threads=threads, channels_per_block=4 if spec.K >= 4 else 1, chunk=512)
+        OH, OW = spec.OH, spec.OW
+        tx = 32 if OW >= 24 else 16 if OW >= 12 else 8
+        vw = max(1, min(4, OW // tx)) if OW >= 2 * tx else 1
+        vw = 4 if vw >= 3 else vw
+        ty = max(32 // tx, min(_pow2_at_least(OH), 128 // tx))
+        vn = next(v for v in (8, 4, 2, 1) if v <= spec.N and spec.N % v == 0)
+        vn = min(vn, max(1, 8 // vw))  # at most 8 accumulators per thread
+        tiles = -(-OW // (tx * vw)) * -(-OH // ty) * -(-spec.N // vn)
+        kb = 1
+        for cand in (16, 8, 4, 2):  # more channels per block amortise staging, if the grid stays full
+            if tiles * -(-spec.K // cand) >= 4 * 132:
+                kb = cand
+                break
+        return CUDAKnobs(threads_x=tx, threads_y=ty, pixels_per_thread=vw, images_per_thread=vn,
+                         channels_per_block=kb, chunk=1024)
+
+    @staticmethod
+    def layout(spec: ConvSpec, k: CUDAKnobs) -> tuple[int, int, int]:
+        """Padded input pitch (hp, wp) and extra images, so every thread's reads stay in bounds."""
+        owt = -(-spec.OW // (k.threads_x * k.pixels_per_thread)) * k.threads_x * k.pixels_per_thread
+        oht = -(-spec.OH // k.threads_y) * k.threads_y
+        wp = max(spec.Wp, (owt - 1) * spec.stride[1] + (spec.KW - 1) * spec.dilation[1] + 1)
+        hp = max(spec.Hp, (oht - 1) * spec.stride[0] + (spec.KH - 1) * spec.dilation[0] + 1)
+        extra = -(-spec.N // k.images_per_thread) * k.images_per_thread - spec.N
+        return hp, wp, extra
 
     def apply(self, spec, weight, epilogue: Epilogue, knobs=None) -> KernelPlan:
         knobs = knobs or self.default_knobs(spec, weight)
         knobs.validate()
-        hp, wp = spec.Hp, spec.Wp
+        hp, wp, extra = self.layout(spec, knobs)
         arrays = csr_arrays(weight, spec, hp, wp)
-        func = _cuda_kernel(spec, len(arrays[1]), epilogue, hp, wp, knobs)
-        return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec)
+        func = _cuda_kernel(spec, len(arrays[1]), epilogue, hp, wp, extra, knobs)
+        return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec, extra_images=extra)
 
 
-def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int, knobs: CUDAKnobs):
+def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int, extra: int, k: CUDAKnobs):
     from tvm.script import tirx as T
 
     N, K, OH, OW = spec.output_shape
+    NP = N + extra
     sh, sw = spec.stride
     CHW = spec.C * hp * wp
-    P = OH * OW
-    TP, KB, CH = knobs.threads, knobs.channels_per_block, knobs.chunk
-    PB = -(-P // TP)
+    TX, TY, VW, VN, KB, CH = (k.threads_x, k.threads_y, k.pixels_per_thread, k.images_per_thread,
+                              k.channels_per_block, k.chunk)
+    NT = TX * TY
+    COLS = -(-OW // (TX * VW))  # column tiles per row tile
+    TILES = COLS * -(-OH // TY)
     KG = -(-K // KB)
-    LOADS = -(-CH // TP)
+    NG = NP // VN
+    LOADS = -(-CH // NT)
     relu = epilogue.relu
 
     @T.prim_func(s_tir=True)
-    def sparse_conv2d_cuda(x: T.Buffer((N, CHW), "float32"), row_ptr: T.Buffer((K + 1,), "int32"),
+    def sparse_conv2d_cuda(x: T.Buffer((NP, CHW), "float32"), row_ptr: T.Buffer((K + 1,), "int32"),
                            offset: T.Buffer((nnz,), "int32"), value: T.Buffer((nnz,), "float32"),
                            bias: T.Buffer((K,), "float32"), y: T.Buffer((N, K, OH, OW), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for n in T.thread_binding(N, thread="blockIdx.z"):
+        for ng in T.thread_binding(NG, thread="blockIdx.z"):
             for kg in T.thread_binding(KG, thread="blockIdx.y"):
-                for pb in T.thread_binding(PB, thread="blockIdx.x"):
-                    for tx in T.thread_binding(TP, thread="threadIdx.x"):
-                        with T.sblock("conv"):
-                            T.reads(x[n, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz], bias[0:K])
-                            T.writes(y[n, 0:K, 0:OH, 0:OW])
-                            s_off = T.alloc_buffer((CH,), "int32", scope="shared")
-                            s_val = T.alloc_buffer((CH,), "float32", scope="shared")
-                            acc = T.alloc_buffer((KB,), "float32", scope="local")
-                            p = T.min(pb * TP + tx, P - 1)
-                            base = (p // OW) * (sh * wp) + (p % OW) * sw
-                            start = row_ptr[kg * KB]
-                            end = row_ptr[T.min(kg * KB + KB, K)]
-                            for kb in T.unroll(KB):
-                                acc[kb] = bias[T.min(kg * KB + kb, K - 1)]
-                            for c in T.serial((end - start + (CH - 1)) // CH):
-                                for i in T.serial(LOADS):
-                                    if i * TP + tx < CH and start + c * CH + i * TP + tx < end:
-                                        s_off[i * TP + tx] = offset[start + c * CH + i * TP + tx]
-                                        s_val[i * TP + tx] = value[start + c * CH + i * TP + tx]
-                                T.tvm_storage_sync("shared")
-                                for kb in T.unroll(KB):
-                                    for j in T.serial(
-                                            T.max(row_ptr[T.min(kg * KB + kb, K)] - start - c * CH, 0),
-                                            T.min(row_ptr[T.min(kg * KB + kb + 1, K)] - start - c * CH, CH)):
-                                        acc[kb] = acc[kb] + s_val[j] * x[n, s_off[j] + base]
-                                T.tvm_storage_sync("shared")
-                            for kb in T.unroll(KB):
-                                if kg * KB + kb < K and pb * TP + tx < P:
-                                    if relu:
-                                        y[n, kg * KB + kb, p // OW, p % OW] = T.max(acc[kb], T.float32(0))
-                                    else:
-                                        y[n, kg * KB + kb, p // OW, p % OW] = acc[kb]
+                for tile in T.thread_binding(TILES, thread="blockIdx.x"):
+                    for ty in T.thread_binding(TY, thread="threadIdx.y"):
+                        for tx in T.thread_binding(TX, thread="threadIdx.x"):
+                            with T.sblock("conv"):
+                                T.reads(x[0:NP, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz], bias[0:K])
+                                T.writes(y[0:N, 0:K, 0:OH, 0:OW])
+                                s_off = T.alloc_buffer((CH,), "int32", scope="shared")
+                                s_val = T.alloc_buffer((CH,), "float32", scope="shared")
+                                acc = T.alloc_buffer((VN * VW,), "float32", scope="local")
+                                oh = (tile // COLS) * TY + ty
+                                ow0 = (tile % COLS) * (TX * VW) + tx
+                                base = oh * (sh * wp) + ow0 * sw
+                                start = row_ptr[kg * KB]
+                                end = row_ptr[T.min(kg * KB + KB, K)]
+                                if end - start <= CH:  # the whole group fits: stage it once
+                                    for i in T.serial(LOADS):
+                                        if i * NT + ty * TX + tx < end - start:
+                                            s_off[i * NT + ty * TX + tx] = offset[start + i * NT + ty * TX + tx]
+                                            s_val[i * NT + ty * TX + tx] = value[start + i * NT + ty * TX + tx]
+                                    T.tvm_storage_sync("shared")
+                                for kb in T.serial(KB):
+                                    for a in T.unroll(VN * VW):
+                                        acc[a] = bias[T.min(kg * KB + kb, K - 1)]
+                                    lo = row_ptr[T.min(kg * KB + kb, K)] - start
+                                    hi = row_ptr[T.min(kg * KB + kb + 1, K)] - start
+                                    for c in T.serial(lo // CH, (hi + (CH - 1)) // CH):
+                                        if end - start > CH:  # block-uniform: stage chunk c of the group
+                                            T.tvm_storage_sync("shared")
+                                            for i in T.serial(LOADS):
+                                                if (i * NT + ty * TX + tx < CH
+                                                        and start + c * CH + i * NT + ty * TX + tx < end):
+                                                    s_off[i * NT + ty * TX + tx] = offset[start + c * CH + i * NT + ty * TX + tx]
+                                                    s_val[i * NT + ty * TX + tx] = value[start + c * CH + i * NT + ty * TX + tx]
+                                            T.tvm_storage_sync("shared")
+                                        for j in T.serial(T.max(lo - c * CH, 0), T.min(hi - c * CH, CH)):
+                                            for i in T.unroll(VN):
+                                                for v in T.unroll(VW):
+                                                    acc[i * VW + v] = acc[i * VW + v] + s_val[j] * x[
+                                                        ng * VN + i, s_off[j] + base + v * (TX * sw)]
+                                    for i in T.unroll(VN):
+                                        for v in T.unroll(VW):
+                                            if (kg * KB + kb < K and ng * VN + i < N and oh < OH
+                                                    and ow0 + v * TX < OW):
+                                                if relu:
+                                                    y[ng * VN + i, kg * KB + kb, oh, ow0 + v * TX] = T.max(
+                                                        acc[i * VW + v], T.float32(0))
+                                                else:
+                                                    y[ng * VN + i, kg * KB + kb, oh, ow0 + v * TX] = acc[i * VW + v]
 
     return sparse_conv2d_cuda

@@ -90,6 +90,16 @@ def run_kernel(lib, name, spec: ConvSpec, x_pad, arrays, bias, dev=None) -> np.n
     return args[-1].numpy()
 
 
+def kernel_input(plan, x, spec: ConvSpec) -> np.ndarray:
+    """The kernel's first argument for NCHW input ``x``: the padded (N, C*hp*wp) input a KernelPlan reads
+    (``plan.prepare_input`` where the plan has it, since a schedule may choose to read plain NCHW)."""
+    from escort_tvm.compute import padded_input
+
+    if hasattr(plan, "prepare_input") and getattr(plan, "spec", None) is not None:
+        return plan.prepare_input(x)
+    return padded_input(x, spec, plan.hp, plan.wp)
+
+
 def func_name(func) -> str:
     return str(func.attrs["global_symbol"])
 

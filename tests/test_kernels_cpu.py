@@ -13,7 +13,7 @@ from escort_tvm import ConvSpec, Epilogue, SparseConvWeight, conv2d_reference
 from escort_tvm.compute import padded_input, sparse_conv_definition
 from schedules import CPUKnobs, SparseConvCPU
 from schedules.base import csr_arrays
-from _helpers import assert_close, case_params, conv_data, func_name, pruned, randn, run_kernel
+from _helpers import assert_close, case_params, conv_data, func_name, kernel_input, pruned, randn, run_kernel
 
 
 def _run_definition(spec, w, b, x, relu, target):
@@ -31,7 +31,11 @@ def _run_cpu(spec, w, b, x, relu, target, knobs=None, x_pad=None):
     assert plan.rule == SparseConvCPU.name
     assert plan.hp >= spec.Hp and plan.wp >= spec.Wp
     lib = tvm.compile(plan.func, target=target)
-    xp = padded_input(x, spec, plan.hp, plan.wp) if x_pad is None else x_pad(plan)
+    if x_pad is None:
+        xp = kernel_input(plan, x, spec)
+        np.testing.assert_array_equal(xp, padded_input(x, spec, plan.hp, plan.wp))  # the CPU rule reads x_pad
+    else:
+        xp = x_pad(plan)
     return run_kernel(lib, func_name(plan.func), spec, xp, plan.weight_arrays, b), plan
 
 
