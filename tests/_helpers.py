@@ -143,3 +143,30 @@ def ort_run(model, feeds: dict):
 def ort_reference(model, feeds: dict) -> np.ndarray:
     """The first output of ``model`` under onnxruntime (CPU; its Conv has no float64 kernel), as float64."""
     return np.asarray(ort_run(model, feeds)[0], dtype=np.float64)
+
+
+# ---------------------------------------------------------------- knob covers
+def knob_cover(knobs_cls, valid=None):
+    """A small list of valid knob sets in which every value of every knob appears at least once (greedy
+    cover over the rule's declared space, deterministic)."""
+    def ok(k):
+        try:
+            k.validate()
+        except ValueError:
+            return False
+        return valid(k) if valid else True
+
+    space = knobs_cls.SPACE
+    uncovered = {(n, v) for n, vals in space.items() for v in vals}
+    cands = [k for k in knobs_cls.space() if ok(k)]
+    chosen = []
+    while uncovered:
+        best = max(cands, key=lambda k: sum((n, getattr(k, n)) in uncovered for n in space))
+        gain = {(n, getattr(best, n)) for n in space} & uncovered
+        assert gain, f"values {sorted(uncovered)} of {knobs_cls.__name__} appear in no valid knob set"
+        uncovered -= gain
+        chosen.append(best)
+    return chosen
+
+
+GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*\("

@@ -1,0 +1,137 @@
+"""CUDA builds on a machine without a GPU: the device code must be compiled into a fatbin.
+
+Nothing here runs a kernel (see test_gpu.py for that); it checks that the sparse kernels become
+__global__ functions of the CUDA module and that an export embeds GPU machine code, not source.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+import escort_tvm
+from escort_tvm import ConvSpec, Epilogue, SparseConvWeight
+from escort_tvm.cuda_toolchain import carries_gpu_binary
+from escort_tvm.models import small_pruned_cnn
+from schedules import CUDAKnobs, SparseConvCUDA
+from _helpers import CONV_CASES, GLOBAL_FN, cuda_source, func_name, knob_cover, pruned, randn
+
+
+def _has_gpu():
+    return bool(tvm.cuda(0).exist)
+
+
+@pytest.fixture(scope="module")
+def cuda_cnn():
+    model = small_pruned_cnn(batch=2, size=16, seed=3)
+    mod, params = escort_tvm.from_onnx(model)
+    return model, escort_tvm.build(mod, params, "cuda")
+
+
+def test_cuda_build_compiles_every_sparse_kernel_for_the_device(cuda_cnn):
+    _, built = cuda_cnn
+    assert built.target.kind.name == "cuda"
+    rep = built.report
+    sparse = [r for r in rep if r.kernel == "sparse"]
+    assert [r.index for r in sparse] == [1, 2, 3, 4, 5], built.report_text()
+    assert all(r.schedule.startswith(SparseConvCUDA.name) for r in sparse)
+    kinds = [m.kind for m in _modules(built.executable.mod)]
+    assert "cuda" in kinds
+    globals_ = set(re.findall(GLOBAL_FN, cuda_source(built.executable)))
+    for r in sparse:
+        assert f"escort_sparse_conv{r.index}_kernel" in globals_, sorted(globals_)
+    assert "escort_sparse_conv0_kernel" not in globals_  # the dense stem has no sparse kernel
+
+
+def _modules(mod):
+    yield mod
+    for m in mod.imports:
+        yield from _modules(m)
+
+
+def test_cuda_export_embeds_fatbin_not_source(cuda_cnn, tmp_path):
+    _, built = cuda_cnn
+    so = built.export_library(tmp_path / "cnn_cuda.so")
+    data = so.read_bytes()
+    assert data[:4] == b"\x7fELF"
+    assert carries_gpu_binary(so) is True
+    assert b"__global__" not in data, "the export carries CUDA source: it would need a compiler to run"
+    assert b"escort_sparse_conv1_kernel" in data  # the kernel's symbol is in the fatbin / launch table
+
+
+@pytest.mark.skipif(_has_gpu(), reason="checks the behaviour without a GPU; test_gpu.py runs it with one")
+def test_cuda_build_without_gpu_refuses_to_run(cuda_cnn, tmp_path, rng):
+    _, built = cuda_cnn
+    x = randn(rng, (2, 3, 16, 16))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        built(x)
+    so = built.export_library(tmp_path / "cnn_cuda.so")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        escort_tvm.load(so)
+
+
+@pytest.mark.parametrize("target", [{"kind": "cuda", "arch": "sm_80"}, {"kind": "cuda", "arch": "sm_90"}])
+def test_cuda_build_with_explicit_arch(target, rng, tmp_path):
+    from onnx import helper
+
+    from _helpers import onnx_model
+
+    w = pruned(rng, (8, 4, 3, 3), 0.9)
+    model = onnx_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                       [("x", [1, 4, 9, 9])], [("y", [1, 8, 9, 9])], {"w": w})
+    mod, params = escort_tvm.from_onnx(model)
+    built = escort_tvm.build(mod, params, target)
+    assert str(built.target.attrs["arch"]) == target["arch"]
+    assert built.report[0].kernel == "sparse"
+    assert "escort_sparse_conv0_kernel" in set(re.findall(GLOBAL_FN, cuda_source(built.executable)))
+    assert carries_gpu_binary(built.export_library(tmp_path / "m.so"))
+
+
+# ---------------------------------------------------------------- schedule variants
+COVER = knob_cover(CUDAKnobs)
+SHAPES = {name: (spec, sp) for name, spec, sp in CONV_CASES}
+VARIANT_SHAPES = ["3x3_s2", "dilation_2x3_5x3", "batch3_grouped_s2", "11x11_s4", "depthwise"]
+
+
+def test_knob_cover_covers_the_space():
+    assert 1 <= len(COVER) <= 8
+    for name, vals in CUDAKnobs.SPACE.items():
+        assert {getattr(k, name) for k in COVER} == set(vals), name
+
+
+@pytest.mark.parametrize("i", range(len(COVER)), ids=[f"cover{i}" for i in range(len(COVER))])
+def test_cuda_schedule_variants_compile_to_device_kernels(cuda_target, rng, tmp_path, i):
+    knobs = COVER[i]
+    spec, sparsity = SHAPES[VARIANT_SHAPES[i % len(VARIANT_SHAPES)]]
+    lib = _compile_and_check(cuda_target, rng, spec, sparsity, knobs, relu=bool(i % 2))
+    lib.export_library(str(tmp_path / "k.so"))
+    data = (tmp_path / "k.so").read_bytes()
+    assert carries_gpu_binary(tmp_path / "k.so") and b"__global__" not in data
+
+
+@pytest.mark.parametrize("case", ["1x1", "7x7_s2", "asym_pad", "batch3"])
+def test_cuda_schedule_default_knobs_compile(cuda_target, rng, case):
+    spec, sparsity = SHAPES[case]
+    _compile_and_check(cuda_target, rng, spec, sparsity, None, relu=True)
+
+
+def _compile_and_check(target, rng, spec, sparsity, knobs, relu):
+    w = pruned(rng, spec.weight_shape, sparsity)
+    sw = SparseConvWeight.from_dense(w, spec.groups)
+    plan = SparseConvCUDA().apply(spec, sw, Epilogue(relu=relu), knobs)
+    if knobs is not None:
+        assert plan.knobs == knobs
+    x = randn(rng, spec.input_shape)
+    from _helpers import kernel_input
+
+    xin = kernel_input(plan, x, spec)
+    assert xin.shape[0] >= spec.N and np.isfinite(xin).all()
+    with target:
+        lib = tvm.compile(plan.func, target=target)
+    kernels = re.findall(GLOBAL_FN, cuda_source(lib))
+    assert f"{func_name(plan.func)}_kernel" in kernels, kernels
+    host = [m for m in _modules(lib.mod) if m.kind == "llvm"]
+    assert host, "no host module"
+    return lib
