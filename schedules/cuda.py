@@ -144,8 +144,10 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                         acc[a] = bias[T.min(kg * KB + kb, K - 1)]
                                     lo = row_ptr[T.min(kg * KB + kb, K)] - start
                                     hi = row_ptr[T.min(kg * KB + kb + 1, K)] - start
-                                    for c in T.serial(lo // CH, (hi + (CH - 1)) // CH):
-                                        if end - start > CH:  # block-uniform: stage chunk c of the group
+                                    # (a loop starting at lo // CH lost that start in the j bounds below
+                                    # after TVM's loop normalisation, so start at 0 and skip instead)
+                                    for c in T.serial((hi + (CH - 1)) // CH):
+                                        if c >= lo // CH and end - start > CH:  # block-uniform: stage chunk c
                                             T.tvm_storage_sync("shared")
                                             for i in T.serial(LOADS):
                                                 if (i * NT + ty * TX + tx < CH

@@ -41,17 +41,17 @@ CASES = [
 
 
 def _variants(rule, spec, weight, n):
-    """The default knobs plus n-1 others spread over the space (every value of every knob appears)."""
+    """The default knobs plus n-1 seeded random settings (small chunks included, to hit the multi-chunk path)."""
     from schedules import CUDAKnobs
 
-    default = rule.default_knobs(spec, weight)
-    out = [default]
-    space = CUDAKnobs.SPACE
-    for i in range(n - 1):
-        kw = {name: vals[(i * (j + 1) + j) % len(vals)] for j, (name, vals) in enumerate(space.items())}
-        if not 32 <= kw["threads_x"] * kw["threads_y"] <= 1024:
-            kw["threads_y"] = max(1, 128 // kw["threads_x"])
-        out.append(CUDAKnobs(**kw))
+    out = [rule.default_knobs(spec, weight)]
+    rng = np.random.default_rng(len(out) + spec.K)
+    while len(out) < n:
+        kw = {name: vals[rng.integers(len(vals))] for name, vals in CUDAKnobs.SPACE.items()}
+        try:
+            out.append(CUDAKnobs.from_dict(kw))
+        except ValueError:
+            continue
     return out
 
 
