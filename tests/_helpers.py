@@ -61,6 +61,8 @@ CONV_CASES = [
     ("sparsity99", ConvSpec(N=1, C=32, H=9, W=9, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.99),
     ("narrow_out", ConvSpec(N=1, C=3, H=5, W=3, K=4, KH=3, KW=3), 0.5),  # OW = 1: every vector lane past 0 is tail
     ("wide_out", ConvSpec(N=1, C=2, H=3, W=70, K=3, KH=1, KW=3, pad=(0, 1, 0, 1)), 0.5),  # OW = 70: many tiles
+    # ~400 nonzeros per output channel: a CUDA block's CSR rows exceed one staged chunk
+    ("long_rows", ConvSpec(N=2, C=64, H=6, W=7, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.3),
 ]
 CASE_IDS = [c[0] for c in CONV_CASES]
 
