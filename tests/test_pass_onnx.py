@@ -263,3 +263,99 @@ def test_tuning_log_bad_record(tmp_path):
     mod, params = escort_tvm.from_onnx(_single_conv(w))
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         escort_tvm.build(mod, params, "llvm", tuning_log=log)
+
+
+# ---------------------------------------------------------------- more graph shapes
+def test_weight_from_constant_node_and_shared_weight(rng):
+    """A weight held in a Constant node (no parameter name) and one initializer used by two convs."""
+    from onnx import numpy_helper
+
+    w_const = pruned(rng, (6, 3, 3, 3), 0.8)
+    w_shared = pruned(rng, (6, 6, 1, 1), 0.75)
+    nodes = [
+        helper.make_node("Constant", [], ["w_const"], value=numpy_helper.from_array(w_const, "w_const")),
+        helper.make_node("Conv", ["x", "w_const"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "w_shared"], ["b"]),
+        helper.make_node("Relu", ["b"], ["br"]),
+        helper.make_node("Conv", ["br", "w_shared"], ["y"], strides=[2, 2]),
+    ]
+    model = onnx_model(nodes, [("x", [1, 3, 9, 9])], [("y", [1, 6, 5, 5])], {"w_shared": w_shared})
+    built = build_onnx(model)
+    rep = by_index(built.report)
+    assert [r.kernel for r in rep] == ["sparse"] * 3, built.report_text()
+    assert rep[0].name == "conv2d_0" and rep[1].name == rep[2].name == "w_shared"
+    assert rep[1].fused == ["relu"] and rep[2].fused == []
+    x = randn(rng, (1, 3, 9, 9))
+    assert_close(built(x), ort_reference(model, {"x": x}))
+
+
+def test_two_outputs(rng):
+    from _helpers import ort_run
+
+    w1, w2 = pruned(rng, (4, 3, 3, 3), 0.8), pruned(rng, (5, 4, 1, 1), 0.8)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["y", "w2"], ["z"])]
+    model = onnx_model(nodes, [("x", [2, 3, 6, 7])], [("y", [2, 4, 6, 7]), ("z", [2, 5, 6, 7])], {"w1": w1, "w2": w2})
+    built = build_onnx(model)
+    assert [r.kernel for r in built.report] == ["sparse", "sparse"]
+    x = randn(rng, (2, 3, 6, 7))
+    out = built(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    for got, ref in zip(out, ort_run(model, {"x": x})):
+        assert_close(got, ref.astype(np.float64))
+
+
+def test_float16_conv_stays_dense_with_reason(rng):
+    from onnx import TensorProto, numpy_helper
+
+    w = pruned(rng, (4, 3, 3, 3), 0.8).astype(np.float16)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 8, 8])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    built = build_onnx(model)
+    (r,) = built.report
+    assert r.kernel == "dense" and "float16" in r.reason and "float32" in r.reason
+    assert r.sparsity == pytest.approx(1 - np.count_nonzero(w) / w.size, abs=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: from_onnx on a model that lists an initializer among graph.input "
+                                       "(valid ONNX; older exporters / keep_initializers_as_inputs) makes two "
+                                       "Relax params named 'w'; build then dies in BindParams with a TVM "
+                                       "InternalError")
+def test_initializer_listed_as_graph_input(rng):
+    from onnx import TensorProto, numpy_helper
+
+    w = pruned(rng, (4, 3, 3, 3), 0.8)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    built = build_onnx(model)
+    assert built.report[0].kernel == "sparse"
+    x = randn(rng, (1, 3, 8, 8))
+    assert_close(built(x), ort_reference(model, {"x": x}))
+
+
+def test_tuning_log_prefers_nearest_sparsity(tmp_path, rng):
+    from escort_tvm.tuning_log import TuningLog
+
+    w = pruned(rng, (8, 8, 3, 3), 0.9)
+    model = _single_conv(w, hw=(6, 9))
+    spec = ConvSpec(N=1, C=8, H=6, W=9, K=8, KH=3, KW=3, pad=(1, 1, 1, 1))
+    other = ConvSpec(N=1, C=8, H=6, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1))
+    log = tmp_path / "t.jsonl"
+    log.write_text("\n".join([
+        TuningLog.record(spec, 0.5, "cpu.row_vector", {"vector_width": 32}, 0.5),
+        TuningLog.record(spec, 0.9, "cpu.row_vector", {"vector_width": 4}, 3.0),  # nearest sparsity wins
+        TuningLog.record(other, 0.9, "cpu.row_vector", {"vector_width": 16}, 0.1),  # other shape: ignored
+    ]) + "\n\n")
+    built = build_onnx(model, tuning_log=log)
+    assert "'vector_width': 4}" in built.report[0].schedule
+    x = randn(rng, (1, 8, 6, 9))
+    assert_close(built(x), ort_reference(model, {"x": x}))
