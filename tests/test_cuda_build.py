@@ -72,6 +72,26 @@ def test_cuda_build_without_gpu_refuses_to_run(cuda_cnn, tmp_path, rng):
         escort_tvm.load(so)
 
 
+@pytest.mark.skipif(_has_gpu(), reason="checks the behaviour without a GPU; test_gpu.py runs it with one")
+def test_cuda_export_in_fresh_process_without_driver(cuda_cnn, tmp_path, runtime_env):
+    """A runtime-only process on a machine with no CUDA driver gets a clear error, not a crash."""
+    import subprocess
+    import sys
+
+    _, built = cuda_cnn
+    so = built.export_library(tmp_path / "cnn_cuda.so")
+    code = ("import sys, escort_tvm\n"
+            "try:\n"
+            "    escort_tvm.load(sys.argv[1])\n"
+            "except RuntimeError as e:\n"
+            "    print('RuntimeError:', e)\n"
+            "    sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(so)], env=runtime_env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "CUDA" in proc.stdout
+
+
 @pytest.mark.parametrize("target", [{"kind": "cuda", "arch": "sm_80"}, {"kind": "cuda", "arch": "sm_90"}])
 def test_cuda_build_with_explicit_arch(target, rng, tmp_path):
     from onnx import helper
@@ -135,3 +155,29 @@ def _compile_and_check(target, rng, spec, sparsity, knobs, relu):
     host = [m for m in _modules(lib.mod) if m.kind == "llvm"]
     assert host, "no host module"
     return lib
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: plan_sites' int32 guard N*C*(Hp+1)*(Wp+64) < 2**31 does not bound the "
+                                       "CUDA kernel's input (N+extra)*C*hp*wp, whose pitch can grow by up to "
+                                       "threads_x*pixels_per_thread-1 columns: the kernel then indexes x in 32-bit "
+                                       "int past 2**31 (blockIdx.z * C*hp*wp overflows)")
+def test_sparse_cuda_kernel_input_fits_int32(rng):
+    """A conv the pass accepts for the sparse kernel must have a kernel input that 32-bit indexing can address.
+    Compile-only: N=64, C=1024, 129x129 (4.4 GB of input) is never allocated."""
+    from onnx import helper
+
+    from _helpers import onnx_model
+
+    w = pruned(rng, (8, 1024, 3, 3), 0.9)
+    model = onnx_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                       [("x", [64, 1024, 129, 129])], [("y", [64, 8, 129, 129])], {"w": w})
+    mod, params = escort_tvm.from_onnx(model)
+    built = escort_tvm.build(mod, params, "cuda")
+    (r,) = built.report
+    if r.kernel == "dense":
+        assert "32-bit" in r.reason
+        return
+    spec = ConvSpec(N=64, C=1024, H=129, W=129, K=8, KH=3, KW=3, pad=(1, 1, 1, 1))
+    plan = SparseConvCUDA().apply(spec, SparseConvWeight.from_dense(w), Epilogue())
+    elems = (spec.N + getattr(plan, "extra_images", 0)) * spec.C * plan.hp * plan.wp
+    assert elems < 2**31, f"sparse kernel reads {elems} input elements through 32-bit indices"
