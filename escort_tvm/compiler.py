@@ -12,8 +12,14 @@ from relay_passes import rewrite_sparse_convs
 from relay_passes.sparse_conv_rewrite import conv_weight_names
 
 from .report import ConvReport, format_report
-from .runtime import METADATA_FUNC, Model
+from .runtime import METADATA_FUNC, Model, _all_modules
 from .tuning_log import TuningLog
+
+
+def _default_cuda_arch() -> str:
+    """The visible GPU's architecture, else sm_90 (the H200/H100 this project targets)."""
+    dev = tvm.cuda(0)
+    return "sm_" + dev.compute_version.replace(".", "") if dev.exist else "sm_90"
 
 
 def resolve_target(target) -> tvm.target.Target:
@@ -26,14 +32,14 @@ def resolve_target(target) -> tvm.target.Target:
         if target == "llvm":
             return tvm.target.Target({"kind": "llvm"})
         if target == "cuda":
-            dev = tvm.cuda(0)
-            arch = "sm_" + dev.compute_version.replace(".", "") if dev.exist else "sm_90"
-            return tvm.target.Target({"kind": "cuda", "arch": arch})
+            return tvm.target.Target({"kind": "cuda", "arch": _default_cuda_arch()})
         raise ValueError(f"unknown target {target!r}: use 'llvm', 'cuda', a dict such as "
                          "{'kind': 'cuda', 'arch': 'sm_90'}, or a tvm.target.Target")
     if isinstance(target, dict):
         if target.get("kind") not in ("llvm", "cuda"):
             raise ValueError(f"unknown target kind {target.get('kind')!r}: escort_tvm builds for 'llvm' and 'cuda'")
+        if target["kind"] == "cuda" and "arch" not in target:
+            target = {**target, "arch": _default_cuda_arch()}
         return tvm.target.Target(target)
     raise TypeError(f"target must be None, a str, a dict or a tvm.target.Target, got {type(target).__name__}")
 
@@ -140,9 +146,3 @@ def check_device_kernels(ex, report: list[ConvReport]) -> None:
     for r in report:
         if r.kernel == "sparse" and f"escort_sparse_conv{r.index}_kernel" not in source:
             raise RuntimeError(f"sparse kernel for conv {r.index} was not compiled as a GPU kernel")
-
-
-def _all_modules(mod):
-    yield mod
-    for m in mod.imports:
-        yield from _all_modules(m)

@@ -84,7 +84,8 @@ def prepare_cuda_build() -> None:
     _ready = True
 
 
-FATBIN_MAGIC = b"\x50\xed\x55\xba"
+# A fatbin container header: magic 0xBA55ED50, version 1, header size 16 (little endian).
+FATBIN_MAGIC = b"\x50\xed\x55\xba\x01\x00\x10\x00"
 
 
 def carries_gpu_binary(path) -> bool:

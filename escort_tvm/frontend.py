@@ -54,6 +54,14 @@ def from_onnx(model_or_path, shape_dict: dict | None = None):
     from tvm.relax.frontend.onnx import from_onnx as relax_from_onnx
 
     model = _load_onnx(model_or_path)
+    init = {t.name for t in model.graph.initializer}
+    if any(i.name in init for i in model.graph.input):  # old exporters list weights as inputs too
+        import onnx
+
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        keep = [i for i in model.graph.input if i.name not in init]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
     shapes = _input_shapes(model, shape_dict)
     try:
         mod = relax_from_onnx(model, shape_dict=shapes, keep_params_in_input=True)

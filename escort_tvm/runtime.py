@@ -106,6 +106,12 @@ def read_metadata(vm_module, device) -> dict:
     return json.loads(bytes(vm[METADATA_FUNC]().numpy()).decode())
 
 
+def _all_modules(mod):
+    yield mod
+    for m in mod.imports:
+        yield from _all_modules(m)
+
+
 def load(path, device=None) -> Model:
     """Load a library written by ``CompiledModel.export_library`` (TVM runtime alone suffices)."""
     import tvm
@@ -115,18 +121,15 @@ def load(path, device=None) -> Model:
         raise FileNotFoundError(f"no exported model at {path}")
     if path.read_bytes()[:4] != b"\x7fELF":
         raise ValueError(f"{path} is not a shared library (no ELF header): not an exported escort_tvm model")
-    from .cuda_toolchain import FATBIN_MAGIC
+    from .cuda_toolchain import FATBIN_MAGIC, load_cuda_runtime
 
-    is_cuda = FATBIN_MAGIC in path.read_bytes()
-    if is_cuda:
-        from .cuda_toolchain import load_cuda_runtime
-
+    if FATBIN_MAGIC in path.read_bytes():  # TVM's CUDA runtime must be registered before the load
         load_cuda_runtime(allow_stub=False)
     try:
         lib = tvm.runtime.load_module(str(path))
     except Exception as e:  # TVM raises its own error types
         raise ValueError(f"cannot load {path} as a TVM library: {str(e).splitlines()[-1]}") from None
-    kind = "cuda" if is_cuda else "cpu"
+    kind = "cuda" if any(m.kind == "cuda" for m in _all_modules(lib)) else "cpu"
     dev = _device(kind, device)
     try:
         meta = read_metadata(lib, dev)

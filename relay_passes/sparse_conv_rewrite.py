@@ -33,6 +33,7 @@ class _Site:
     weight: SparseConvWeight
     bias: np.ndarray
     epilogue: Epilogue
+    plan: object = None  # schedules.KernelPlan
 
 
 def _static_shape(expr) -> tuple[int, ...] | None:
@@ -137,8 +138,13 @@ def conv_weight_names(func: relax.Function) -> list[str | None]:
     return [c.args[1].name if c.args[1] in params else None for _, c in _conv_calls(func)]
 
 
-def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str] | None = None):
-    """Decide, for every conv2d in ``func``, sparse or dense; returns (report, {chain end var: site})."""
+def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str] | None = None,
+               rule=None, knob_lookup: KnobLookup | None = None):
+    """Decide, for every conv2d in ``func``, sparse or dense; returns (report, {chain end var: site}).
+
+    With a schedule ``rule``, each sparse site also gets its KernelPlan (knobs from ``knob_lookup``
+    or the rule's defaults), and a conv whose kernel input would not fit 32-bit indexing stays dense.
+    """
     values, counts = _uses(func)
     users = _users(values)
     report, sites = [], {}
@@ -157,15 +163,13 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
             continue
         w = weight.value.numpy()
         entry.nnz = int(np.count_nonzero(w))
-        entry.sparsity = round(1.0 - entry.nnz / w.size, 4)
+        sparsity = 1.0 - entry.nnz / w.size
+        entry.sparsity = round(sparsity, 4)
         if spec is None:
             entry.reason = why
             continue
-        if entry.sparsity < min_sparsity:
-            entry.reason = f"sparsity {entry.sparsity:.3f} is below min_sparsity {min_sparsity:.2f}"
-            continue
-        if spec.N * spec.C * (spec.Hp + 1) * (spec.Wp + 64) >= 2**31:
-            entry.reason = "input too large for 32-bit offsets"
+        if sparsity < min_sparsity:
+            entry.reason = f"sparsity {sparsity:.4f} is below min_sparsity {min_sparsity:.4g}"
             continue
         # Fuse a following per-channel bias add and ReLU when this conv is their only producer path.
         end, bias, relu = var, np.zeros(spec.K, np.float32), False
@@ -181,27 +185,30 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
         if counts.get(end, 0) == 1 and len(nxt) == 1 and _op_name(values[nxt[0]]) == "relax.nn.relu":
             relu, end = True, nxt[0]
             entry.fused.append("relu")
+        weight_fmt = SparseConvWeight.from_dense(w, spec.groups)
+        plan = None
+        if rule is not None:
+            tuned = knob_lookup(spec, weight_fmt, rule.name) if knob_lookup else None
+            plan = rule.apply(spec, weight_fmt, Epilogue(relu=relu), rule.Knobs.from_dict(tuned) if tuned else None)
+            if (spec.N + plan.extra_images) * spec.C * plan.hp * plan.wp >= 2**31:
+                entry.reason, entry.fused = "input too large for the kernel's 32-bit indexing", []
+                continue
         entry.kernel = "sparse"
-        sites[end] = _Site(entry, spec, call.args[0], SparseConvWeight.from_dense(w, spec.groups), bias,
-                           Epilogue(relu=relu))
+        sites[end] = _Site(entry, spec, call.args[0], weight_fmt, bias, Epilogue(relu=relu), plan)
     return report, sites
 
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, sites, target, knob_lookup):
+    def __init__(self, mod, sites):
         super().__init__(mod)
-        self.sites, self.target, self.knob_lookup = sites, target, knob_lookup
-        self.rule = rule_for(target)
+        self.sites = sites
 
     def visit_var_binding_(self, binding):
         site = self.sites.get(binding.var)
         if site is None:
             return super().visit_var_binding_(binding)
-        spec, bb = site.spec, self.builder_
-        tuned = self.knob_lookup(spec, site.weight, self.rule.name) if self.knob_lookup else None
-        knobs = self.rule.Knobs.from_dict(tuned) if tuned else None
-        plan = self.rule.apply(spec, site.weight, site.epilogue, knobs)
+        spec, bb, plan = site.spec, self.builder_, site.plan
         site.report.schedule = f"{plan.rule} {plan.knobs.as_dict()}"
         x = self.visit_expr(site.data)
         pt, pl = spec.pad[0], spec.pad[1]
@@ -225,10 +232,11 @@ def rewrite_sparse_convs(mod: tvm.IRModule, target, min_sparsity: float = 0.7,
     The module should already have its parameters bound and constants folded, so that weights
     computed from constant subgraphs are visible as constants.
     """
-    report, sites = plan_sites(mod[func_name], min_sparsity, param_names)
+    rule = rule_for(target)
+    report, sites = plan_sites(mod[func_name], min_sparsity, param_names, rule, knob_lookup)
     if not sites:
         return mod, report
-    rewriter = _Rewriter(mod, sites, target, knob_lookup)
+    rewriter = _Rewriter(mod, sites)
     new_func = rewriter.visit_expr(mod[func_name])
     new_mod = rewriter.builder_.get()
     new_mod[func_name] = new_func
