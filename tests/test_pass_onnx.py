@@ -359,3 +359,15 @@ def test_tuning_log_prefers_nearest_sparsity(tmp_path, rng):
     assert "'vector_width': 4}" in built.report[0].schedule
     x = randn(rng, (1, 8, 6, 9))
     assert_close(built(x), ort_reference(model, {"x": x}))
+
+
+def test_shape_dict_overrides_a_static_batch(rng):
+    """from_onnx(model, shape_dict) rebuilds a batch-1 model for batch 3; same weights as the batch-3 model."""
+    m1 = small_pruned_cnn(batch=1, size=16, seed=5)
+    m3 = small_pruned_cnn(batch=3, size=16, seed=5)
+    mod, params = escort_tvm.from_onnx(m1, {"input": [3, 3, 16, 16]})
+    built = escort_tvm.build(mod, params, "llvm")
+    assert built.inputs == [("input", (3, 3, 16, 16), "float32")]
+    assert [r.kernel for r in built.report] == ["dense"] + ["sparse"] * 5
+    x = randn(rng, (3, 3, 16, 16))
+    assert_close(built(x), ort_reference(m3, {"input": x}))
