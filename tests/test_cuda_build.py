@@ -157,13 +157,9 @@ def _compile_and_check(target, rng, spec, sparsity, knobs, relu):
     return lib
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: plan_sites' int32 guard N*C*(Hp+1)*(Wp+64) < 2**31 does not bound the "
-                                       "CUDA kernel's input (N+extra)*C*hp*wp, whose pitch can grow by up to "
-                                       "threads_x*pixels_per_thread-1 columns: the kernel then indexes x in 32-bit "
-                                       "int past 2**31 (blockIdx.z * C*hp*wp overflows)")
 def test_sparse_cuda_kernel_input_fits_int32(rng):
-    """A conv the pass accepts for the sparse kernel must have a kernel input that 32-bit indexing can address.
-    Compile-only: N=64, C=1024, 129x129 (4.4 GB of input) is never allocated."""
+    """A conv whose CUDA kernel input (N+extra)*C*hp*wp would pass 2**31 elements stays dense. Regression: the
+    pass bounded N*C*(Hp+1)*(Wp+64), less than the CUDA pitch. Compile-only: 4.4 GB of input never allocated."""
     from onnx import helper
 
     from _helpers import onnx_model
@@ -174,10 +170,29 @@ def test_sparse_cuda_kernel_input_fits_int32(rng):
     mod, params = escort_tvm.from_onnx(model)
     built = escort_tvm.build(mod, params, "cuda")
     (r,) = built.report
-    if r.kernel == "dense":
-        assert "32-bit" in r.reason
-        return
     spec = ConvSpec(N=64, C=1024, H=129, W=129, K=8, KH=3, KW=3, pad=(1, 1, 1, 1))
+    assert spec.N * spec.C * (spec.Hp + 1) * (spec.Wp + 64) < 2**31  # the old guard let this through
     plan = SparseConvCUDA().apply(spec, SparseConvWeight.from_dense(w), Epilogue())
-    elems = (spec.N + getattr(plan, "extra_images", 0)) * spec.C * plan.hp * plan.wp
-    assert elems < 2**31, f"sparse kernel reads {elems} input elements through 32-bit indices"
+    assert (spec.N + plan.extra_images) * spec.C * plan.hp * plan.wp >= 2**31
+    assert r.kernel == "dense" and "32-bit" in r.reason, built.report_text()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the pass's 32-bit guard checks only the kernel input; an output "
+                                       "N*K*OH*OW >= 2**31 still goes to the sparse kernel, whose CUDA code "
+                                       "indexes y in 32-bit int ((int)blockIdx.z * K*OH*OW overflows)")
+def test_sparse_cuda_kernel_output_fits_int32(rng):
+    """Compile-only: N=128, K=4096, 64x64 output (8 GiB) is never allocated."""
+    from onnx import helper
+
+    from _helpers import onnx_model
+
+    w = pruned(rng, (4096, 16, 1, 1), 0.9)
+    model = onnx_model([helper.make_node("Conv", ["x", "w"], ["y"])],
+                       [("x", [128, 16, 64, 64])], [("y", [128, 4096, 64, 64])], {"w": w})
+    mod, params = escort_tvm.from_onnx(model)
+    built = escort_tvm.build(mod, params, "cuda")
+    (r,) = built.report
+    assert 128 * 4096 * 64 * 64 >= 2**31
+    assert r.kernel == "dense" and "32-bit" in r.reason, (
+        "sparse kernel writes 2**31 output elements; its source indexes y as: "
+        + next((ln.strip()[:160] for ln in cuda_source(built.executable).splitlines() if "y_ptr[" in ln), "?"))

@@ -93,15 +93,14 @@ def test_unknown_target_dict_kind(conv_model, target):
         escort_tvm.build(mod, params, target)
 
 
-@pytest.mark.xfail(condition=not tvm.cuda(0).exist, strict=True,
-                   reason="BUG: resolve_target passes {'kind': 'cuda'} through without an arch; with no GPU "
-                          "TVM falls back to sm_50 and nvcc 13 fails ('Unsupported gpu architecture "
-                          "compute_50') instead of using the documented sm_90 default that 'cuda' gets")
 def test_cuda_dict_without_arch_builds(conv_model, tmp_path):
+    """Regression: {'kind': 'cuda'} without an arch fell back to sm_50, which nvcc 13 rejects."""
     from escort_tvm.cuda_toolchain import carries_gpu_binary
 
     _, mod, params = conv_model
     built = escort_tvm.build(mod, params, {"kind": "cuda"})
+    want = ("sm_" + tvm.cuda(0).compute_version.replace(".", "")) if tvm.cuda(0).exist else "sm_90"
+    assert str(built.target.attrs["arch"]) == want
     assert built.report[0].kernel == "sparse"
     assert carries_gpu_binary(built.export_library(tmp_path / "m.so"))
 

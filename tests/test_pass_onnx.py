@@ -216,9 +216,8 @@ def test_min_sparsity_zero_takes_a_dense_weight(rng):
     assert_close(built(x), ort_reference(model, {"x": x}))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: plan_sites compares the sparsity rounded to 4 decimals with "
-                                       "min_sparsity, so a weight just below the threshold is taken as sparse")
 def test_min_sparsity_compares_exact_sparsity(rng):
+    """Regression: the threshold was compared with the sparsity rounded to 4 decimals."""
     w = pruned(rng, (16, 16, 3, 3), 1727 / 2304)  # true sparsity 0.749566, reported (rounded) 0.7496
     assert 1 - np.count_nonzero(w) / w.size < 0.74958
     built = build_onnx(_single_conv(w), min_sparsity=0.74958)
@@ -321,11 +320,9 @@ def test_float16_conv_stays_dense_with_reason(rng):
     assert r.sparsity == pytest.approx(1 - np.count_nonzero(w) / w.size, abs=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: from_onnx on a model that lists an initializer among graph.input "
-                                       "(valid ONNX; older exporters / keep_initializers_as_inputs) makes two "
-                                       "Relax params named 'w'; build then dies in BindParams with a TVM "
-                                       "InternalError")
 def test_initializer_listed_as_graph_input(rng):
+    """Valid ONNX (older exporters, keep_initializers_as_inputs): the weight is also a graph input. Regression:
+    from_onnx made two Relax params named 'w' and build died in BindParams."""
     from onnx import TensorProto, numpy_helper
 
     w = pruned(rng, (4, 3, 3, 3), 0.8)
