@@ -1,0 +1,1449 @@
+#!/usr/bin/env python3
+"""Benchmark the sparse direct-convolution CUDA kernels against dense and lowering baselines.
+
+Built here, timed on the GPU machine (which has PyTorch but only TVM's runtime):
+
+    python scripts/bench.py prepare [--layers A,B] [--batches 1,32] [--variants default|all|N] [--quick]
+    source .devbundle/activate && python3 scripts/bench.py measure --out $OUT      # GPU machine
+    python scripts/bench.py check                                                  # self-check, no GPU
+
+``prepare`` makes a seeded random weight per (layer, sparsity), prunes it by magnitude, schedules one
+kernel per case and knob variant with ``schedules.SparseConvCUDA``, compiles all of them once into
+``kernels.so`` (sm_90 fatbin), compiles TVM's own dense conv2d (Relax, default dlight pipeline) for
+every shape into ``dense.so``, and writes ``manifest.json``, the weights (``weights_<g>.npz``: the
+dense pruned weight, the bias and every kernel weight array, shared by the cases and variants that use
+them) and the kernels' nvcc resource usage (``resources.txt``; ``kernels.cu``/``kernels.cubin`` too).
+
+``measure`` imports neither ``tvm.relax`` nor ``escort_tvm.compiler``: it loads the two libraries with
+the TVM runtime, makes the inputs with torch, checks every kernel variant against a float64
+``F.conv2d`` on the dense pruned weight (output poisoned with NaN first), times the passing ones and
+the baselines of ``../shared/anchors/measure_anchors.py`` in the same process, and writes
+``bench.json``, ``bench.md`` and ``speedup.png`` under ``--out``. The timed work runs in a child
+process; a CUDA error that kills the context is recorded as a crash of that kernel and the run
+continues in a fresh child.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# The anchor layers (../shared/anchors/measure_anchors.py): name -> (C, K, H, W, R, stride, pad).
+LAYERS = {
+    "alexnet.conv2": (64, 192, 27, 27, 5, 1, 2),
+    "alexnet.conv3": (192, 384, 13, 13, 3, 1, 1),
+    "alexnet.conv4": (384, 256, 13, 13, 3, 1, 1),
+    "alexnet.conv5": (256, 256, 13, 13, 3, 1, 1),
+    "vgg16.conv1_2": (64, 64, 224, 224, 3, 1, 1),
+    "vgg16.conv2_2": (128, 128, 112, 112, 3, 1, 1),
+    "vgg16.conv3_2": (256, 256, 56, 56, 3, 1, 1),
+    "vgg16.conv4_2": (512, 512, 28, 28, 3, 1, 1),
+    "vgg16.conv5_2": (512, 512, 14, 14, 3, 1, 1),
+    "resnet50.l1.3x3": (64, 64, 56, 56, 3, 1, 1),
+    "resnet50.l2.3x3": (128, 128, 28, 28, 3, 1, 1),
+    "resnet50.l3.3x3": (256, 256, 14, 14, 3, 1, 1),
+    "resnet50.l4.3x3": (512, 512, 7, 7, 3, 1, 1),
+    "resnet50.l1.1x1in": (256, 64, 56, 56, 1, 1, 0),
+    "resnet50.l3.1x1out": (256, 1024, 14, 14, 1, 1, 0),
+    "resnet50.l4.1x1in": (2048, 512, 7, 7, 1, 1, 0),
+}
+MAIN_SPARSITY = 0.9
+BATCHES = (1, 32)
+SWEEP_LAYERS = ("vgg16.conv3_2", "resnet50.l3.3x3")
+SWEEP_SPARSITIES = (0.7, 0.8, 0.9, 0.95)
+SWEEP_BATCH = 32
+QUICK_LAYER = "resnet50.l1.3x3"
+# `check`: two small cases with few nonzeros (name -> layer tuple, batch, sparsity).
+CHECK_LAYERS = {"check.3x3": (16, 24, 12, 12, 3, 1, 1), "check.1x1s2": (32, 16, 9, 9, 1, 2, 0)}
+CHECK_CASES = (("check.3x3", 1, 0.9), ("check.1x1s2", 3, 0.95))
+
+FP32_PEAK = 67e12  # H200 SXM non-tensor fp32, datasheet (as in measure_anchors.py)
+BW = 4.3e12  # measured device-to-device copy on the workplace's H200 (as in measure_anchors.py)
+TARGET = {"kind": "cuda", "arch": "sm_90"}
+DEFAULT_BENCH_DIR = ROOT / ".gpu" / "bench"
+SIZE_WARN_MB = 35.0  # .devbundle (~23 MiB) + .gpu must fit in one 64 MiB carry
+TOL_FP32 = 1e-4
+TOL_REDUCED = 1e-2  # TF32 and fp16 baselines: 10-bit mantissas give ~1e-3 relative error here
+BASELINES = ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "im2col_cublas", "im2col_cusparse", "tvm_dense")
+BASELINE_TITLES = {"cudnn_fp32": "cuDNN fp32", "cudnn_tf32": "cuDNN TF32", "cudnn_fp16": "cuDNN fp16",
+                   "im2col_cublas": "im2col+cuBLAS", "im2col_cusparse": "im2col+cuSPARSE",
+                   "tvm_dense": "TVM dense"}
+SPEEDUP_VS = ("cudnn_fp32", "cudnn_tf32", "im2col_cublas", "im2col_cusparse")
+MEASURE_CMD = "source .devbundle/activate && python3 scripts/bench.py measure --out $OUT"
+
+
+# ====================================================================== shared helpers (no TVM, no torch)
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def make_cases(layers, batches, sweep: bool = True, table=LAYERS) -> list[dict]:
+    """The benchmark cases in run order: every layer at 90% for each batch, then the sparsity sweep."""
+    cases, seen = [], set()
+
+    def add(layer, batch, sp, group):
+        if (layer, batch, sp) in seen:
+            return
+        seen.add((layer, batch, sp))
+        C, K, H, W, R, s, p = table[layer]
+        cases.append({"layer": layer, "batch": int(batch), "sparsity": float(sp), "group": group,
+                      "conv": {"C": C, "K": K, "H": H, "W": W, "R": R, "stride": s, "pad": p}})
+
+    for b in batches:
+        for layer in layers:
+            add(layer, b, MAIN_SPARSITY, "main")
+    if sweep and SWEEP_BATCH in batches:
+        for sp in SWEEP_SPARSITIES:
+            for layer in SWEEP_LAYERS:
+                if layer in layers:
+                    add(layer, SWEEP_BATCH, sp, "sweep")
+    return cases
+
+
+def floor_ms(spec: dict, nnz: int) -> float:
+    """measure_anchors.py's roofline floor of the sparse work (fp32 flops or bytes, whichever is larger)."""
+    N, C, H, W, K = spec["N"], spec["C"], spec["H"], spec["W"], spec["K"]
+    OH, OW = out_hw(spec)
+    flops = 2.0 * nnz * OH * OW * N
+    bytes_ = 4.0 * (N * C * H * W + N * K * OH * OW + 2 * nnz)
+    return max(flops / FP32_PEAK, bytes_ / BW) * 1e3
+
+
+def out_hw(spec: dict) -> tuple[int, int]:
+    pt, pl, pb, pr = spec["pad"]
+    (sh, sw), (dh, dw) = spec["stride"], spec["dilation"]
+    OH = (spec["H"] + pt + pb - dh * (spec["KH"] - 1) - 1) // sh + 1
+    OW = (spec["W"] + pl + pr - dw * (spec["KW"] - 1) - 1) // sw + 1
+    return OH, OW
+
+
+def first_input_numpy(x, layout: dict):
+    """The kernel's first argument for NCHW ``x`` as the manifest describes it (mirror of the torch version)."""
+    import numpy as np
+
+    if not layout["padded"]:
+        return x
+    N, C, H, W = x.shape
+    top, left, hp, wp, rows = layout["top"], layout["left"], layout["hp"], layout["wp"], layout["rows"]
+    xp = np.pad(x, ((0, rows - N), (0, 0), (top, hp - H - top), (left, wp - W - left)))
+    return xp.reshape(rows, C * hp * wp)
+
+
+def geomean(vals):
+    vals = [v for v in vals if v is not None and v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                pass
+    return out
+
+
+def append_record(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def short_error(e: BaseException, limit: int = 400) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    msg = f"{type(e).__name__}: " + (lines[-1] if lines else "")
+    return msg[:limit]
+
+
+def git_info() -> dict:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+        return {"commit": sha, "dirty": dirty}
+    except OSError:
+        return {}
+
+
+# ====================================================================== prepare (here: TVM compiler + nvcc)
+def knob_variants(rule, spec, weight, how: str, seed: int) -> list:
+    """The default knobs first, then alternatives: ``all`` valid settings, or N in total (one-knob
+    neighbours of the default, nearest values first and round-robin over knobs, then seeded random ones)."""
+    import numpy as np
+
+    default = rule.default_knobs(spec, weight)
+    if how == "default":
+        return [default]
+    cls = type(default)
+
+    def valid(k):
+        try:
+            k.validate()
+            return True
+        except ValueError:
+            return False
+
+    if how == "all":
+        return [default] + [k for k in cls.space() if k != default and valid(k)]
+    n = int(how)
+    if n < 1:
+        raise ValueError("--variants N needs N >= 1")
+    out, seen = [default], {default}
+    d = default.as_dict()
+    per_knob = []
+    for name, cands in cls.SPACE.items():
+        cands = list(cands)
+        i = cands.index(d[name]) if d[name] in cands else 0
+        order = sorted((v for v in cands if v != d[name]), key=lambda v: (abs(cands.index(v) - i), cands.index(v)))
+        per_knob.append([default.with_(**{name: v}) for v in order])
+    for r in range(max((len(p) for p in per_knob), default=0)):
+        for p in per_knob:
+            if r < len(p) and p[r] not in seen and valid(p[r]):
+                seen.add(p[r])
+                out.append(p[r])
+    out = out[:n]
+    if len(out) < n:
+        space = [k for k in cls.space() if k not in seen and valid(k)]
+        rng = np.random.default_rng(seed)
+        for j in rng.permutation(len(space))[: n - len(out)]:
+            out.append(space[int(j)])
+    return out
+
+
+def _signature(func) -> list:
+    return [[str(p.name), [int(d) for d in p.ty.shape], str(p.ty.dtype)] for p in func.params]
+
+
+class LayoutError(RuntimeError):
+    pass
+
+
+def probe_first_input(plan, spec, cache: dict) -> dict:
+    """Describe the kernel's first argument so the GPU side can build it with one F.pad, and prove the
+    description equal to ``plan.prepare_input`` on a probe input (so a layout change fails here, loudly)."""
+    import numpy as np
+
+    key = (spec, bool(plan.padded_input), int(plan.hp), int(plan.wp), getattr(plan, "extra_images", None))
+    if key in cache:
+        return cache[key]
+    x = np.arange(int(np.prod(spec.input_shape)), dtype=np.float32).reshape(spec.input_shape) + 1.0
+    got = np.asarray(plan.prepare_input(x))
+    if plan.padded_input:
+        layout = {"padded": True, "rows": int(got.shape[0]) if got.ndim == 2 else -1, "hp": int(plan.hp),
+                  "wp": int(plan.wp), "top": int(spec.pad[0]), "left": int(spec.pad[1])}
+        layout["shape"] = [layout["rows"], spec.C * plan.hp * plan.wp]
+    else:
+        layout = {"padded": False, "shape": list(spec.input_shape)}
+    want = first_input_numpy(x, layout) if layout.get("rows", 0) >= spec.N or not layout["padded"] else None
+    if (want is None or got.dtype != np.float32 or tuple(got.shape) != tuple(want.shape)
+            or not np.array_equal(got, want)):
+        raise LayoutError(f"plan.prepare_input gives shape {got.shape}, not the zero-padded layout {layout}: "
+                          "teach bench.py (first_input_numpy / first_input_torch) the new layout")
+    del x, got, want
+    cache[key] = layout
+    return layout
+
+
+def _array_key(a) -> str:
+    h = hashlib.sha1()
+    h.update(str(a.dtype).encode() + str(a.shape).encode())
+    h.update(a.tobytes())
+    return "a_" + h.hexdigest()[:16]
+
+
+def _all_modules(mod):
+    yield mod
+    for m in mod.imports:
+        yield from _all_modules(m)
+
+
+def cuda_source(executable) -> str:
+    return "".join(m.inspect_source() for m in _all_modules(executable.mod) if m.kind == "cuda")
+
+
+def _compile(funcs: dict, target):
+    import tvm
+
+    with target:
+        return tvm.compile(tvm.IRModule(funcs), target=target)
+
+
+def nvcc_resources(source: str, workdir: Path) -> tuple[dict, str]:
+    """Compile the kernels' CUDA source to a cubin with TVM's nvcc flags plus -Xptxas -v; parse ptxas' report."""
+    cu, cubin = workdir / "kernels.cu", workdir / "kernels.cubin"
+    cu.write_text(source)
+    try:
+        from tvm.support.nvcc import _ptxas_option_flags  # what TVM passes itself (private: fall back)
+
+        ptxas = _ptxas_option_flags()
+    except Exception:
+        ptxas = ["-v", "--register-usage-level=10", "--warn-on-local-memory-usage"]
+    if "-v" not in ptxas:
+        ptxas = ["-v", *ptxas]
+    fast_math = [] if os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH") else ["--use_fast_math"]
+    cmd = ["nvcc", "--cubin", "-O3", "-arch", TARGET["arch"], "-U__CUDA_NO_HALF_OPERATORS__",
+           "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+           "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "--expt-relaxed-constexpr",
+           "--expt-extended-lambda", *fast_math, f"--ptxas-options={','.join(ptxas)}", "-o", str(cubin), str(cu)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    text = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise RuntimeError(f"nvcc failed on the kernels' source:\n{text[-3000:]}")
+    res, cur = {}, None
+    for line in text.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([A-Za-z_]\w*)'?", line)
+        if m:
+            cur = m.group(1)
+            res.setdefault(cur, {})
+            continue
+        if cur is None:
+            continue
+        r = res[cur]
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            r.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        for key, pat in (("registers", r"Used (\d+) registers"), ("barriers", r"used (\d+) barriers"),
+                         ("smem", r"(\d+) bytes smem"), ("cmem0", r"(\d+) bytes cmem\[0\]")):
+            m = re.search(pat, line)
+            if m:
+                r[key] = int(m.group(1))
+    return res, " ".join(cmd[:-4] + ["-o", "kernels.cubin", "kernels.cu"])
+
+
+def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_kernels: int = 4000,
+            command: str = "") -> dict:
+    """Build everything the GPU side needs into ``bench_dir`` (replaced as a whole); returns the manifest."""
+    t_start = time.time()
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from escort_tvm.compute import Epilogue
+    from escort_tvm.conv_spec import ConvSpec
+    from escort_tvm.cuda_toolchain import carries_gpu_binary, prepare_cuda_build
+    from escort_tvm.models import magnitude_prune
+    from escort_tvm.sparse_format import SparseConvWeight
+    from schedules import SparseConvCUDA
+
+    prepare_cuda_build()
+    target = tvm.target.Target(TARGET)
+    rule = SparseConvCUDA()
+    bench_dir = Path(bench_dir)
+    tmp = bench_dir.parent / f".{bench_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    groups: dict[tuple, dict] = {}  # (layer, sparsity) -> weights group
+    funcs, entries, layout_cache, dense_specs = {}, [], {}, {}
+    t_sched = time.time()
+    for i, case in enumerate(cases):
+        cv = case["conv"]
+        spec = ConvSpec(N=case["batch"], C=cv["C"], H=cv["H"], W=cv["W"], K=cv["K"], KH=cv["R"], KW=cv["R"],
+                        stride=(cv["stride"],) * 2, pad=(cv["pad"],) * 4)
+        gkey = (case["layer"], case["sparsity"])
+        if gkey not in groups:
+            seed = zlib.crc32(f"{case['layer']}|{case['sparsity']}".encode())
+            rng = np.random.default_rng(seed)
+            dense = magnitude_prune(rng.standard_normal(spec.weight_shape, dtype=np.float32), case["sparsity"])
+            bias = (rng.standard_normal(spec.K) * 0.1).astype(np.float32)
+            groups[gkey] = {"file": f"weights_{len(groups)}.npz", "seed": seed, "arrays": {"dense": dense, "bias": bias},
+                            "sparse": SparseConvWeight.from_dense(dense), "nnz": int(np.count_nonzero(dense))}
+        g = groups[gkey]
+        weight = g["sparse"]
+        knobs_list = knob_variants(rule, spec, weight, variants, seed=g["seed"] + case["batch"])
+        ventries = []
+        for j, knobs in enumerate(knobs_list):
+            sym = f"escort_bench_c{i}_v{j}"
+            try:
+                plan = rule.apply(spec, weight, Epilogue(relu=False), knobs)
+                sig = _signature(plan.func)
+                arrays = [np.ascontiguousarray(a) for a in plan.weight_arrays]
+                want = ([None] + [[list(a.shape), str(a.dtype)] for a in arrays]
+                        + [[[spec.K], "float32"], [list(spec.output_shape), "float32"]])
+                if len(sig) != len(want) or any(w is not None and [s[1], s[2]] != w for s, w in zip(sig, want)):
+                    raise RuntimeError(f"kernel parameters {sig} are not (first_input, *weight_arrays, bias[K], "
+                                       f"y{list(spec.output_shape)})")
+                layout = probe_first_input(plan, spec, layout_cache)
+                if [sig[0][1], sig[0][2]] != [layout["shape"], "float32"]:
+                    raise RuntimeError(f"first parameter {sig[0]} does not match prepare_input's {layout['shape']}")
+            except Exception as e:
+                if j == 0:
+                    raise RuntimeError(f"case {i} ({case['layer']} N={spec.N}): default knobs failed: {e}") from e
+                log(f"  case {i} variant {j} {knobs.as_dict()} skipped: {short_error(e)}")
+                continue
+            keys = []
+            for a in arrays:
+                k = _array_key(a)
+                g["arrays"].setdefault(k, a)
+                keys.append({"key": k, "shape": list(a.shape), "dtype": str(a.dtype)})
+            funcs[sym] = plan.func.with_attr("global_symbol", sym)
+            ventries.append({"index": j, "symbol": sym, "default": j == 0, "rule": plan.rule,
+                             "knobs": {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                       for k, v in knobs.as_dict().items()},
+                             "first_input": layout, "arrays": keys, "params": sig})
+        dkey = spec
+        if dkey not in dense_specs:
+            dense_specs[dkey] = f"dense_{len(dense_specs)}"
+        entries.append({"index": i, "layer": case["layer"], "batch": spec.N, "sparsity": case["sparsity"],
+                        "group": case["group"], "spec": spec.to_dict(), "nnz": g["nnz"],
+                        "actual_sparsity": round(1.0 - g["nnz"] / float(np.prod(spec.weight_shape)), 6),
+                        "weights": g["file"], "dense_key": "dense", "bias_key": "bias",
+                        "dense_func": dense_specs[dkey], "variants": ventries})
+        entries[-1]["floor_ms"] = floor_ms(entries[-1]["spec"], g["nnz"])
+        d0 = ventries[0]
+        log(f"case {i:2d} {case['layer']:20s} N={spec.N:<3d} sp={case['sparsity']:.2f} nnz={g['nnz']:<8d} "
+            f"{len(ventries)} variant(s), default {d0['knobs']} first input {d0['first_input']['shape']}")
+        if len(funcs) > max_kernels:
+            raise RuntimeError(f"{len(funcs)} kernels exceed --max-kernels {max_kernels}: ask for fewer variants")
+    t_sched = time.time() - t_sched
+
+    # ---- our kernels: one module, one compile
+    t0 = time.time()
+    try:
+        ex = _compile(funcs, target)
+    except Exception as e:
+        log(f"compiling all {len(funcs)} kernels failed ({short_error(e)}); finding the failing variants")
+        bad = []
+        for sym, f in funcs.items():
+            try:
+                _compile({sym: f}, target)
+            except Exception as e2:
+                bad.append(sym)
+                log(f"  {sym}: {short_error(e2)}")
+        for ent in entries:
+            if ent["variants"][0]["symbol"] in bad:
+                raise RuntimeError(f"default kernel of case {ent['index']} does not compile") from e
+            ent["variants"] = [v for v in ent["variants"] if v["symbol"] not in bad]
+        funcs = {s: f for s, f in funcs.items() if s not in bad}
+        ex = _compile(funcs, target)
+    t_compile = time.time() - t0
+    source = cuda_source(ex)
+    for ent in entries:  # TVM compiles an unscheduled PrimFunc for the host without a word
+        keep = []
+        for v in ent["variants"]:
+            if f"{v['symbol']}_kernel" in source:
+                keep.append(v)
+            elif v["default"]:
+                raise RuntimeError(f"{v['symbol']} was not compiled as a GPU kernel")
+            else:
+                log(f"  {v['symbol']} dropped: not compiled as a GPU kernel")
+        ent["variants"] = keep
+    ex.export_library(str(tmp / "kernels.so"))
+    if not carries_gpu_binary(tmp / "kernels.so"):
+        raise RuntimeError("kernels.so carries no CUDA fatbin (was the CUDA runtime loaded before the build?)")
+    log(f"compiled {len(funcs)} sparse kernels in {t_compile:.1f} s")
+
+    # ---- TVM's dense conv2d, one Relax function per distinct shape, weight passed as an input
+    t0 = time.time()
+    bb = relax.BlockBuilder()
+    for spec, name in dense_specs.items():
+        x = relax.Var("x", relax.TensorType(spec.input_shape, "float32"))
+        w = relax.Var("w", relax.TensorType(spec.weight_shape, "float32"))
+        with bb.function(name, [x, w]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.nn.conv2d(x, w, strides=list(spec.stride), padding=list(spec.pad),
+                                               dilation=list(spec.dilation), groups=spec.groups))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+    with target:
+        dex = tvm.compile(bb.get(), target=target)
+    dex.export_library(str(tmp / "dense.so"))
+    if not carries_gpu_binary(tmp / "dense.so"):
+        raise RuntimeError("dense.so carries no CUDA fatbin")
+    t_dense = time.time() - t0
+    log(f"compiled TVM dense conv2d for {len(dense_specs)} shapes in {t_dense:.1f} s")
+
+    # ---- resources (nvcc -Xptxas -v on the same source), SASS if cuobjdump is here
+    t0 = time.time()
+    res, nvcc_cmd = nvcc_resources(source, tmp)
+    lines = [f"# nvcc resource usage of the sparse kernels ({nvcc_cmd}); '*' marks the default variant",
+             f"{'':1s} {'case':>4s} {'layer':20s} {'N':>3s} {'sp':>5s} {'var':>3s} {'regs':>5s} {'spill_st':>8s} "
+             f"{'spill_ld':>8s} {'stack':>6s} {'smem':>6s}  kernel  knobs"]
+    for ent in entries:
+        for v in ent["variants"]:
+            kern = {k: r for k, r in res.items() if k == f"{v['symbol']}_kernel" or k.startswith(f"{v['symbol']}_kernel_")}
+            v["resources"] = {k: kern[k] for k in sorted(kern)}
+            for k in sorted(kern):
+                r = kern[k]
+                lines.append(f"{'*' if v['default'] else ' '} {ent['index']:4d} {ent['layer']:20s} {ent['batch']:3d} "
+                             f"{ent['sparsity']:5.2f} {v['index']:3d} {r.get('registers', -1):5d} "
+                             f"{r.get('spill_stores', -1):8d} {r.get('spill_loads', -1):8d} {r.get('stack', -1):6d} "
+                             f"{r.get('smem', -1):6d}  {k}  {json.dumps(v['knobs'])}")
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump:
+        p = subprocess.run([cuobjdump, "--dump-sass", str(tmp / "kernels.cubin")], capture_output=True, text=True)
+        (tmp / "sass.txt").write_text(p.stdout + p.stderr)
+    else:
+        lines.append("# no cuobjdump on this machine: no sass.txt here; `measure` dumps it from kernels.cubin "
+                     "into $OUT/sass.txt where cuobjdump exists")
+    (tmp / "resources.txt").write_text("\n".join(lines) + "\n")
+    t_res = time.time() - t0
+
+    # ---- weights and manifest
+    for g in groups.values():
+        np.savez_compressed(tmp / g["file"], **g["arrays"])
+    manifest = {
+        "version": 1,
+        "prepared_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "git": git_info(), "tvm": getattr(tvm, "__version__", "?"), "target": TARGET,
+        "variants_mode": variants, "kernels_so": "kernels.so", "dense_so": "dense.so", "cubin": "kernels.cubin",
+        "source": "kernels.cu", "input_seed": "torch.Generator('cuda').manual_seed(1000 + case index)",
+        "floor": {"fp32_peak": FP32_PEAK, "bw": BW},
+        "timings_s": {"schedule": round(t_sched, 1), "compile_kernels": round(t_compile, 1),
+                      "compile_dense": round(t_dense, 1), "resources": round(t_res, 1)},
+        "cases": entries,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    manifest["files"] = sizes
+    manifest["timings_s"]["total"] = round(time.time() - t_start, 1)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if bench_dir.exists():
+        shutil.rmtree(bench_dir)
+    tmp.rename(bench_dir)
+    total_mb = sum(sizes.values()) / 1e6
+    log(f"wrote {bench_dir}: {len(entries)} cases, {len(funcs)} kernels, {total_mb:.1f} MB "
+        f"in {time.time() - t_start:.1f} s")
+    if total_mb > SIZE_WARN_MB:
+        log(f"WARNING: {bench_dir} is {total_mb:.1f} MB; with .devbundle it may not fit the 64 MiB carry")
+    return manifest
+
+
+# ====================================================================== runtime side (TVM runtime only)
+def load_tvm_runtime(allow_stub: bool = False):
+    """Load TVM's CUDA runtime (driver first), then return ``tvm`` (runtime-only under TVM_USE_RUNTIME_LIB=1)."""
+    try:
+        from escort_tvm.cuda_toolchain import load_cuda_runtime
+    except ImportError:  # keep measure usable if the package grows compiler imports
+        load_cuda_runtime = None
+    if load_cuda_runtime is not None:
+        load_cuda_runtime(allow_stub=allow_stub)
+    else:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1", ctypes.RTLD_GLOBAL)
+        import tvm
+
+        ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"), ctypes.RTLD_GLOBAL)
+    import tvm
+
+    return tvm
+
+
+def inspect_bench(bench_dir: Path, allow_stub: bool) -> dict:
+    """Load both libraries as the GPU side does and report which manifest symbols they lack."""
+    manifest = json.loads((bench_dir / "manifest.json").read_text())
+    tvm = load_tvm_runtime(allow_stub=allow_stub)
+    import tvm.runtime.vm  # noqa: F401  (what measure uses for the dense baseline)
+
+    klib = tvm.runtime.load_module(str(bench_dir / manifest["kernels_so"]))
+    dlib = tvm.runtime.load_module(str(bench_dir / manifest["dense_so"]))
+    stats = str(dlib["stats"]()) if dlib.implements_function("stats") else ""
+    funcs_line = next((ln for ln in stats.splitlines() if "Globals" in ln), stats)
+    dense_names = set(re.findall(r"[\w.]+", funcs_line))
+    missing_k = [v["symbol"] for c in manifest["cases"] for v in c["variants"] if not klib.implements_function(v["symbol"])]
+    missing_d = sorted({c["dense_func"] for c in manifest["cases"]} - dense_names)
+    return {"kernels": sum(len(c["variants"]) for c in manifest["cases"]), "missing_kernels": missing_k,
+            "missing_dense": missing_d, "dense_is_vm": dlib.implements_function("vm_load_executable"),
+            "tvm_relax_imported": any(m == "tvm.relax" or m.startswith("tvm.relax.") for m in sys.modules),
+            "compiler_imported": "escort_tvm.compiler" in sys.modules,
+            "runtime_only": os.environ.get("TVM_USE_RUNTIME_LIB") == "1"}
+
+
+def verify(bench_dir: Path, reapply: bool = True) -> list[str]:
+    """Consistency of a prepared folder: files, arrays vs manifest, schedule re-application, symbols in the .so."""
+    import numpy as np
+
+    from escort_tvm.cuda_toolchain import carries_gpu_binary
+
+    problems = []
+    manifest = json.loads((bench_dir / "manifest.json").read_text())
+    for f in (manifest["kernels_so"], manifest["dense_so"]):
+        if not carries_gpu_binary(bench_dir / f):
+            problems.append(f"{f} carries no fatbin")
+    if reapply:
+        from escort_tvm.compute import Epilogue
+        from escort_tvm.conv_spec import ConvSpec
+        from escort_tvm.sparse_format import SparseConvWeight
+        from schedules import SparseConvCUDA
+
+        rule = SparseConvCUDA()
+    for c in manifest["cases"]:
+        z = np.load(bench_dir / c["weights"])
+        dense, bias = z[c["dense_key"]], z[c["bias_key"]]
+        s = c["spec"]
+        if dense.shape != (s["K"], s["C"] // s["groups"], s["KH"], s["KW"]) or dense.dtype != np.float32:
+            problems.append(f"case {c['index']}: dense weight {dense.shape} {dense.dtype}")
+        if int(np.count_nonzero(dense)) != c["nnz"]:
+            problems.append(f"case {c['index']}: nnz {np.count_nonzero(dense)} != manifest {c['nnz']}")
+        if abs(c["actual_sparsity"] - c["sparsity"]) > 1e-3:
+            problems.append(f"case {c['index']}: sparsity {c['actual_sparsity']} != {c['sparsity']}")
+        if bias.shape != (s["K"],):
+            problems.append(f"case {c['index']}: bias shape {bias.shape}")
+        if not c["variants"] or not c["variants"][0]["default"]:
+            problems.append(f"case {c['index']}: no default variant")
+        for v in c["variants"]:
+            arrays = [z[a["key"]] for a in v["arrays"]]
+            for a, meta, p in zip(arrays, v["arrays"], v["params"][1:]):
+                if [list(a.shape), str(a.dtype)] != [meta["shape"], meta["dtype"]] or [p[1], p[2]] != [meta["shape"], meta["dtype"]]:
+                    problems.append(f"{v['symbol']}: array {meta} vs stored {a.shape} {a.dtype} vs param {p}")
+            if v["params"][0][1] != v["first_input"]["shape"]:
+                problems.append(f"{v['symbol']}: first param {v['params'][0]} vs layout {v['first_input']}")
+            if reapply:
+                spec = ConvSpec(**{k: tuple(x) if isinstance(x, list) else x for k, x in s.items()})
+                knobs = rule.Knobs.from_dict(v["knobs"])
+                plan = rule.apply(spec, SparseConvWeight.from_dense(dense, spec.groups), Epilogue(relu=False), knobs)
+                if len(plan.weight_arrays) != len(arrays) or not all(
+                        np.array_equal(np.asarray(a), b) and np.asarray(a).dtype == b.dtype
+                        for a, b in zip(plan.weight_arrays, arrays)):
+                    problems.append(f"{v['symbol']}: re-applying the schedule gives other weight arrays")
+                if _signature(plan.func) != v["params"]:
+                    problems.append(f"{v['symbol']}: re-applying the schedule gives another signature")
+                x = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
+                if not np.array_equal(np.asarray(plan.prepare_input(x)), first_input_numpy(x, v["first_input"])):
+                    problems.append(f"{v['symbol']}: prepare_input differs from the manifest layout")
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_inspect", "--bench-dir", str(bench_dir),
+                        "--allow-stub"], capture_output=True, text=True, env=env, timeout=300)
+    try:
+        info = json.loads(p.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        problems.append(f"runtime-only inspection failed: {(p.stdout + p.stderr)[-2000:]}")
+        return problems
+    if info["missing_kernels"]:
+        problems.append(f"kernels.so lacks {info['missing_kernels']}")
+    if info["missing_dense"]:
+        problems.append(f"dense.so lacks {info['missing_dense']}")
+    if not info["dense_is_vm"]:
+        problems.append("dense.so is not a Relax VM executable")
+    if info["tvm_relax_imported"] or info["compiler_imported"]:
+        problems.append(f"the measure-side loader imported the compiler: {info}")
+    return problems
+
+
+# ====================================================================== measure (GPU machine, torch + TVM runtime)
+class _Gpu:
+    """Everything that touches torch/TVM on the GPU machine, for one worker process."""
+
+    def __init__(self, bench_dir: Path, manifest: dict):
+        import torch
+        import torch.nn.functional as F
+
+        self.torch, self.F = torch, F
+        if not torch.cuda.is_available():
+            raise RuntimeError("measure needs a CUDA GPU visible to torch")
+        torch.cuda.init()
+        self.tvm = load_tvm_runtime(allow_stub=False)
+        import tvm.runtime.vm
+
+        self.dev = self.tvm.cuda(0)
+        self.klib = self.tvm.runtime.load_module(str(bench_dir / manifest["kernels_so"]))
+        dense = bench_dir / manifest.get("dense_so", "dense.so")
+        self.vm = tvm.runtime.vm.VirtualMachine(self.tvm.runtime.load_module(str(dense)), self.dev) \
+            if dense.exists() else None
+        try:
+            import triton.testing as tt
+
+            self._do_bench = tt.do_bench
+            self.bench_impl = "triton.testing.do_bench"
+        except Exception:
+            self._do_bench = None
+            self.bench_impl = "do_bench clone (triton missing)"
+        props = torch.cuda.get_device_properties(0)
+        self.l2_bytes = max(int(getattr(props, "L2_cache_size", 0) or 0), 60 * 2**20)  # H200: 60 MB per spec
+        self.sms = int(getattr(props, "multi_processor_count", 0))
+        if torch.cuda.current_stream().cuda_stream != 0:
+            log("WARNING: torch's current stream is not the default stream; TVM launches on the default stream")
+
+    # ---------------------------------------------------------------- timing
+    def do_bench(self, fn, warmup=25, rep=100) -> float:
+        """Median ms like measure_anchors.py: triton's do_bench (L2 flushed before every call)."""
+        if self._do_bench is not None:
+            return float(self._do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+        torch = self.torch
+        cache = torch.empty(int(256e6 // 4), dtype=torch.int, device="cuda")
+        fn()
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(5):
+            cache.zero_()
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        est = s.elapsed_time(e) / 5
+        for _ in range(max(1, int(warmup / est))):
+            fn()
+        n = max(1, int(rep / est))
+        ss = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        es = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            cache.zero_()
+            ss[i].record()
+            fn()
+            es[i].record()
+        torch.cuda.synchronize()
+        times = sorted(a.elapsed_time(b) for a, b in zip(ss, es))
+        return float(times[len(times) // 2])
+
+    def stream_bench(self, call, nbuf: int, warmup=25.0, rep=100.0) -> dict:
+        """Median per-launch ms over back-to-back launches between two CUDA events, rotating input buffers.
+        A GPU sleep is queued first when launches are short, so the CPU's launch cost stays off the clock."""
+        torch = self.torch
+        it = iter(range(1 << 62))
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(5):
+            call(next(it) % nbuf)
+        e.record()
+        torch.cuda.synchronize()
+        est = max(s.elapsed_time(e) / 5, 1e-4)
+        for _ in range(min(5000, max(1, int(warmup / est)))):
+            call(next(it) % nbuf)
+        n = int(min(800, max(10, 2.0 / est)))  # launches per timed run: >= ~2 ms of work
+        reps = int(min(200, max(5, rep / (n * est))))
+        sleep = hasattr(torch.cuda, "_sleep") and est < 0.05
+        evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        torch.cuda.synchronize()
+        for a, b in evs:
+            if sleep:
+                torch.cuda._sleep(int(n * 10e-6 * 2.0e9))  # ~10 us of GPU time per queued launch
+            a.record()
+            for _ in range(n):
+                call(next(it) % nbuf)
+            b.record()
+        torch.cuda.synchronize()
+        times = sorted(a.elapsed_time(b) / n for a, b in evs)
+        return {"ms": float(times[len(times) // 2]), "launches_per_rep": n, "reps": reps, "gpu_sleep_first": sleep}
+
+    def healthy(self) -> bool:
+        try:
+            t = self.torch.ones(1, device="cuda") + 1
+            self.torch.cuda.synchronize()
+            return float(t.item()) == 2.0
+        except Exception:
+            return False
+
+    def t(self, x):
+        return self.tvm.runtime.from_dlpack(x)
+
+    def first_input(self, x, layout: dict):
+        if not layout["padded"]:
+            return x.contiguous()
+        N, C, H, W = x.shape
+        top, left, hp, wp, rows = layout["top"], layout["left"], layout["hp"], layout["wp"], layout["rows"]
+        xp = self.F.pad(x, (left, wp - W - left, top, hp - H - top, 0, 0, 0, rows - N))
+        return xp.reshape(rows, C * hp * wp)
+
+
+def _rel_err(torch, out, ref) -> tuple[float, int]:
+    bad = int((~torch.isfinite(out)).sum())
+    err = float((out.double() - ref).norm() / ref.norm())
+    return err, bad
+
+
+def _env_info(gpu: _Gpu) -> dict:
+    torch = gpu.torch
+    info = {"gpu": torch.cuda.get_device_name(0), "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+            "sms": gpu.sms, "l2_bytes": gpu.l2_bytes, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "python": sys.version.split()[0],
+            "tvm_runtime": getattr(gpu.tvm, "__version__", "?"), "bench_impl": gpu.bench_impl}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    driver = None
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        driver = p.stdout.strip().splitlines()[0] if p.returncode == 0 and p.stdout.strip() else None
+    except Exception:
+        pass
+    if driver is None:
+        try:
+            import ctypes
+
+            v = ctypes.c_int()
+            ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v))
+            driver = f"CUDA driver API {v.value // 1000}.{(v.value % 1000) // 10}"
+        except Exception:
+            driver = "?"
+    info["driver"] = driver
+    return info
+
+
+def measure_worker(args) -> int:
+    import warnings
+
+    import numpy as np
+
+    warnings.filterwarnings("ignore", category=UserWarning)  # torch's "sparse CSR is beta", TF32 API notes
+
+    bench_dir, out = Path(args.bench_dir), Path(args.out)
+    manifest = json.loads((bench_dir / "manifest.json").read_text())
+    raw = out / "raw.jsonl"
+    progress = out / "progress.json"
+    records = read_records(raw)
+    done = {(r["case"], r["part"]) for r in records if "part" in r and "case" in r}
+    t0 = float(os.environ.get("BENCH_T0", time.time()))
+    gpu = _Gpu(bench_dir, manifest)
+    torch, F = gpu.torch, gpu.F
+    append_record(raw, {"type": "env", **_env_info(gpu)})
+    only = set(args.cases.split(",")) if args.cases else None
+
+    def emit(rec):
+        records.append(rec)
+        append_record(raw, rec)
+        if "part" in rec:
+            done.add((rec["case"], rec["part"]))
+
+    def mark(case, part):
+        progress.write_text(json.dumps({"case": case, "part": part, "t": time.time()}))
+
+    def crash_exit(case, part, e):
+        emit({"type": "crash", "case": case, "part": part, "status": "CRASH", "error": short_error(e)})
+        log(f"  case {case} {part}: CUDA context lost ({short_error(e)}); restarting in a fresh process")
+        sys.exit(3)
+
+    for c in manifest["cases"]:
+        i = c["index"]
+        if only and str(i) not in only and c["layer"] not in only:
+            continue
+        if (i, "done") in done:
+            continue
+        if (i, "setup") in done:  # the worker died while loading this case's data: leave it out
+            emit({"type": "skipped", "case": i, "part": "done", "reason": "the worker died setting the case up"})
+            continue
+        if time.time() - t0 > args.budget_s:
+            emit({"type": "skipped", "case": i, "part": "done", "reason": f"time budget {args.budget_s:.0f} s spent"})
+            continue
+        tc = time.time()
+        mark(i, "setup")
+        s = c["spec"]
+        N, C, H, W, K = s["N"], s["C"], s["H"], s["W"], s["K"]
+        pt, pl, pb, pr = s["pad"]
+        conv_kw = {"stride": tuple(s["stride"]), "dilation": tuple(s["dilation"]), "groups": s["groups"]}
+        symmetric = pt == pb and pl == pr
+        z = np.load(bench_dir / c["weights"])
+        w = torch.from_numpy(np.ascontiguousarray(z[c["dense_key"]])).cuda()
+        bias = torch.from_numpy(np.ascontiguousarray(z[c["bias_key"]])).cuda()
+        g = torch.Generator(device="cuda").manual_seed(1000 + i)
+        x = torch.randn(N, C, H, W, device="cuda", generator=g)
+
+        def conv(xx, ww):
+            if symmetric:
+                return F.conv2d(xx, ww, padding=(pt, pl), **conv_kw)
+            return F.conv2d(F.pad(xx, (pl, pr, pt, pb)), ww, padding=0, **conv_kw)
+
+        ref = conv(x.double(), w.double())
+        ref_b = ref + bias.double().view(1, -1, 1, 1)
+        y_shape = (N, K) + tuple(ref.shape[2:])
+        multi = len(c["variants"]) > 1
+
+        def kernel_call(v):
+            fn = gpu.klib[v["symbol"]]
+            xin = gpu.first_input(x, v["first_input"])
+            if list(xin.shape) != v["first_input"]["shape"]:
+                raise RuntimeError(f"first input {list(xin.shape)} != manifest {v['first_input']['shape']}")
+            arrays = [torch.from_numpy(np.ascontiguousarray(z[a["key"]])).cuda() for a in v["arrays"]]
+            y = torch.full(y_shape, float("nan"), device="cuda")
+            targs = [gpu.t(t) for t in (xin, *arrays, bias, y)]
+            return fn, xin, arrays, y, targs
+
+        # ---- every variant: check (NaN-poisoned output, float64 reference), then time (short if several)
+        for v in c["variants"]:
+            part = f"v{v['index']}"
+            if (i, part) in done:
+                continue
+            mark(i, part)
+            rec = {"type": "variant", "case": i, "part": part, "variant": v["index"], "symbol": v["symbol"]}
+            try:
+                fn, xin, arrays, y, targs = kernel_call(v)
+                fn(*targs)
+                torch.cuda.synchronize()
+                err, bad = _rel_err(torch, y, ref_b)
+                ok = bad == 0 and err < TOL_FP32
+                rec.update(rel_err=err, nonfinite=bad, status="ok" if ok else "FAIL")
+                if ok:
+                    call = (lambda: fn(*targs))
+                    key = "screen_ms" if multi else "ms"
+                    rec[key] = gpu.do_bench(call, warmup=5, rep=20) if multi else gpu.do_bench(call)
+                    err2, bad2 = _rel_err(torch, y, ref_b)  # the output after many launches: still right?
+                    if bad2 or not err2 < TOL_FP32:
+                        rec.update(status="FAIL", rel_err_after_timing=err2, nonfinite_after_timing=bad2)
+                        rec.pop(key, None)
+                del fn, xin, arrays, y, targs
+            except SystemExit:
+                raise
+            except Exception as e:
+                rec.update(status="FAIL", error=short_error(e))
+                if not gpu.healthy():
+                    crash_exit(i, part, e)
+            emit(rec)
+
+        vrecs = {r["variant"]: r for r in records if r.get("type") == "variant" and r["case"] == i}
+        passing = [v for v in c["variants"] if vrecs.get(v["index"], {}).get("status") == "ok"]
+        best = None
+        # ---- several variants: the 3 fastest by screening, timed again with the full budget
+        if multi and passing and (i, "final") not in done:
+            mark(i, "final")
+            cands = sorted(passing, key=lambda v: vrecs[v["index"]]["screen_ms"])[:3]
+            times = {}
+            for v in cands:
+                try:
+                    fn, xin, arrays, y, targs = kernel_call(v)
+                    times[v["index"]] = gpu.do_bench(lambda: fn(*targs))
+                    del fn, xin, arrays, y, targs
+                except Exception as e:
+                    if not gpu.healthy():
+                        crash_exit(i, "final", e)
+            emit({"type": "final", "case": i, "part": "final", "times": {str(k): t for k, t in times.items()}})
+        if passing:
+            if multi:
+                fin = next((r for r in records if r.get("type") == "final" and r["case"] == i), None)
+                if fin and fin["times"]:
+                    bi = int(min(fin["times"], key=fin["times"].get))
+                    best = next(v for v in passing if v["index"] == bi)
+                else:
+                    best = min(passing, key=lambda v: vrecs[v["index"]]["screen_ms"])
+            else:
+                best = passing[0]
+
+        # ---- the best variant back to back, cycling over input copies larger than L2 together
+        if best is not None and not args.no_stream and (i, "stream") not in done:
+            mark(i, "stream")
+            rec = {"type": "stream", "case": i, "part": "stream", "variant": best["index"]}
+            try:
+                fn, xin, arrays, y, targs = kernel_call(best)
+                nbytes = xin.numel() * 4
+                nbuf = 1 if nbytes >= 2 * gpu.l2_bytes else int(math.ceil(2 * gpu.l2_bytes / nbytes))
+                bufs = [xin] + [xin.clone() for _ in range(nbuf - 1)]
+                rest = targs[1:]
+                tbufs = [gpu.t(b) for b in bufs]
+                st = gpu.stream_bench(lambda k: fn(tbufs[k], *rest), nbuf)
+                rec.update(st, n_buffers=nbuf, buffer_bytes=nbytes, rotated_bytes=nbytes * nbuf,
+                           l2_bytes=gpu.l2_bytes)
+                del bufs, tbufs, fn, xin, arrays, y, targs, rest
+            except Exception as e:
+                rec.update(status="FAIL", error=short_error(e))
+                if not gpu.healthy():
+                    crash_exit(i, "stream", e)
+            emit(rec)
+
+        # ---- the input padding the graph pass emits before a kernel that reads a padded input
+        if best is not None and (i, "pad") not in done:
+            mark(i, "pad")
+            lay = best["first_input"]
+            rec = {"type": "pad", "case": i, "part": "pad", "variant": best["index"], "padded": lay["padded"]}
+            try:
+                rec["ms"] = gpu.do_bench(lambda: gpu.first_input(x, lay)) if lay["padded"] else 0.0
+            except Exception as e:
+                rec.update(status="FAIL", error=short_error(e))
+            emit(rec)
+
+        # ---- baselines, each checked against the reference first (like measure_anchors.py)
+        R = s["KH"]
+        square = s["KH"] == s["KW"] and tuple(s["stride"])[0] == tuple(s["stride"])[1] and pt == pl == pb == pr \
+            and tuple(s["dilation"]) == (1, 1) and s["groups"] == 1
+        OH, OW = y_shape[2], y_shape[3]
+        wm = w.reshape(K, -1)
+
+        def set_tf32(conv_tf32: bool):
+            torch.backends.cudnn.allow_tf32 = conv_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+        def im2col_gemm():
+            cols = F.unfold(x, R, padding=pt, stride=s["stride"][0])  # N, C*R*R, OH*OW
+            return (wm @ cols).reshape(N, K, OH, OW)
+
+        ws_holder = {}
+
+        def im2col_cusparse():
+            ws = ws_holder["ws"]
+            cols = F.unfold(x, R, padding=pt, stride=s["stride"][0]).transpose(0, 1).reshape(C * R * R, -1)
+            return (ws @ cols).reshape(K, N, OH * OW).transpose(0, 1).reshape(N, K, OH, OW)
+
+        for name in BASELINES:
+            if (i, name) in done:
+                continue
+            mark(i, name)
+            rec = {"type": "baseline", "case": i, "part": name, "name": name}
+            try:
+                if name == "cudnn_fp32":
+                    set_tf32(False)
+                    fn, tol = (lambda: conv(x, w)), TOL_FP32
+                elif name == "cudnn_tf32":
+                    set_tf32(True)
+                    fn, tol = (lambda: conv(x, w)), TOL_REDUCED
+                elif name == "cudnn_fp16":
+                    set_tf32(False)
+                    xh, wh = x.half(), w.half()
+                    fn, tol = (lambda: conv(xh, wh)), TOL_REDUCED
+                elif name == "im2col_cublas":
+                    set_tf32(False)
+                    if not square:
+                        raise NotImplementedError("im2col baselines need a square, undilated, ungrouped conv")
+                    fn, tol = im2col_gemm, TOL_FP32
+                elif name == "im2col_cusparse":
+                    set_tf32(False)
+                    if not square:
+                        raise NotImplementedError("im2col baselines need a square, undilated, ungrouped conv")
+                    ws_holder["ws"] = wm.to_sparse_csr()
+                    fn, tol = im2col_cusparse, TOL_FP32
+                else:  # tvm_dense
+                    if gpu.vm is None:
+                        raise FileNotFoundError("no dense.so")
+                    f = gpu.vm[c["dense_func"]]
+                    xt, wt = gpu.t(x), gpu.t(w)
+                    fn, tol = (lambda: f(xt, wt)), TOL_FP32
+                o = fn()
+                torch.cuda.synchronize()
+                if not isinstance(o, torch.Tensor):
+                    o = torch.from_dlpack(o)
+                err, bad = _rel_err(torch, o, ref)
+                del o
+                rec.update(rel_err=err, nonfinite=bad, tol=tol)
+                if bad or not err < tol:
+                    rec["status"] = "FAIL"
+                else:
+                    rec.update(status="ok", ms=gpu.do_bench(fn))
+            except Exception as e:
+                rec.update(status="FAIL", error=short_error(e))
+                if not gpu.healthy():
+                    crash_exit(i, name, e)
+            finally:
+                set_tf32(False)
+            emit(rec)
+        ws_holder.clear()
+
+        emit({"type": "case_done", "case": i, "part": "done", "seconds": round(time.time() - tc, 2)})
+        try:
+            row = next((r for r in build_rows(manifest, records, args.ours_metric) if r["index"] == i), None)
+            if row:
+                log(case_line(row))
+        except Exception as e:  # reporting must never cost the measurements
+            log(f"case {i}: summary line failed: {short_error(e)}")
+        del x, w, bias, ref, ref_b, wm, z
+        torch.cuda.empty_cache()
+    return 0
+
+
+# ---------------------------------------------------------------------- aggregation (pure python)
+def build_rows(manifest: dict, records: list[dict], ours_metric: str = "dobench") -> list[dict]:
+    by_case: dict[int, list] = {}
+    for r in records:
+        if "case" in r:
+            by_case.setdefault(r["case"], []).append(r)
+    rows = []
+    for c in manifest["cases"]:
+        recs = by_case.get(c["index"], [])
+        if not recs:
+            continue
+        row = {k: c[k] for k in ("index", "layer", "batch", "sparsity", "group", "nnz", "actual_sparsity", "floor_ms")}
+        row["spec"] = c["spec"]
+        vmeta = {v["index"]: v for v in c["variants"]}
+        variants = []
+        for r in recs:
+            if r.get("type") in ("variant",) or (r.get("type") == "crash" and r["part"].startswith("v")):
+                vi = r.get("variant", int(r["part"][1:]) if r["part"][1:].isdigit() else -1)
+                m = vmeta.get(vi, {})
+                variants.append({"variant": vi, "default": m.get("default", False), "knobs": m.get("knobs"),
+                                 "symbol": m.get("symbol"), "status": r.get("status"), "rel_err": r.get("rel_err"),
+                                 "screen_ms": r.get("screen_ms"), "ms": r.get("ms"), "error": r.get("error"),
+                                 "resources": m.get("resources")})
+        fin = next((r for r in recs if r.get("type") == "final"), None)
+        if fin:
+            for v in variants:
+                if str(v["variant"]) in fin["times"]:
+                    v["ms"] = fin["times"][str(v["variant"])]
+        row["variants"] = sorted(variants, key=lambda v: v["variant"])
+        if not any(v["ms"] is not None for v in row["variants"]):  # several variants, final timing missing
+            for v in row["variants"]:
+                v["ms"] = v["screen_ms"]
+        timed = [v for v in row["variants"] if v["status"] == "ok" and v["ms"] is not None]
+        best = min(timed, key=lambda v: v["ms"]) if timed else None
+        row["best_variant"] = best["variant"] if best else None
+        row["best_knobs"] = best["knobs"] if best else None
+        row["best_resources"] = best["resources"] if best else None
+        row["ours_kernel_ms"] = best["ms"] if best else None
+        st = next((r for r in recs if r.get("type") == "stream" and "ms" in r), None)
+        row["ours_stream_ms"] = st["ms"] if st and best and st.get("variant") == best["variant"] else None
+        row["stream"] = {k: st[k] for k in ("n_buffers", "buffer_bytes", "rotated_bytes", "l2_bytes",
+                                            "launches_per_rep", "reps", "gpu_sleep_first") if k in st} if st else None
+        pad = next((r for r in recs if r.get("type") == "pad" and "ms" in r), None)
+        row["pad_ms"] = pad["ms"] if pad else None
+        kern = row["ours_stream_ms"] if ours_metric == "stream" else row["ours_kernel_ms"]
+        row["ours_ms"] = kern + (row["pad_ms"] or 0.0) if kern is not None else None
+        row["baselines"] = {}
+        for r in recs:
+            if r.get("type") == "baseline" or (r.get("type") == "crash" and r["part"] in BASELINES):
+                row["baselines"][r["part"]] = {k: r.get(k) for k in ("ms", "rel_err", "tol", "status", "error")}
+        row["speedup"] = {}
+        row["speedup_kernel_only"] = {}
+        for b in BASELINES:
+            bm = row["baselines"].get(b, {}).get("ms")
+            row["speedup"][b] = bm / row["ours_ms"] if bm and row["ours_ms"] else None
+            row["speedup_kernel_only"][b] = bm / kern if bm and kern else None
+        row["floor_fraction"] = row["floor_ms"] / row["ours_ms"] if row["ours_ms"] else None
+        row["skipped"] = next((r["reason"] for r in recs if r.get("type") == "skipped"), None)
+        row["crashes"] = [{"part": r["part"], "error": r.get("error")} for r in recs if r.get("type") == "crash"]
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {}
+    for b in sorted({r["batch"] for r in rows if r["group"] == "main"}):
+        rs = [r for r in rows if r["group"] == "main" and r["batch"] == b]
+        g = {"cases": len(rs), "ours_ms": geomean([r["ours_ms"] for r in rs]),
+             "ours_kernel_ms": geomean([r["ours_kernel_ms"] for r in rs]),
+             "ours_stream_ms": geomean([r["ours_stream_ms"] for r in rs]),
+             "floor_ms": geomean([r["floor_ms"] for r in rs]),
+             "floor_fraction": geomean([r["floor_fraction"] for r in rs])}
+        for base in BASELINES:
+            g[base] = geomean([r["baselines"].get(base, {}).get("ms") for r in rs])
+            g[f"speedup_{base}"] = geomean([r["speedup"].get(base) for r in rs])
+        g["counted"] = sum(r["ours_ms"] is not None for r in rs)
+        out[str(b)] = g
+    return out
+
+
+def _f(v, nd=4):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _x(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def case_line(r: dict) -> str:
+    bl = " ".join(f"{b}={_f(r['baselines'].get(b, {}).get('ms'))}" for b in BASELINES)
+    fails = sum(v["status"] != "ok" for v in r["variants"])
+    return (f"case {r['index']:2d} {r['layer']:20s} N={r['batch']:<3d} sp={r['sparsity']:.2f} "
+            f"ours={_f(r['ours_kernel_ms'])}+pad {_f(r['pad_ms'])} stream={_f(r['ours_stream_ms'])} "
+            f"(v{r['best_variant']}, {fails} fail) {bl} floor={_f(r['floor_ms'])}")
+
+
+def _md_table(rows: list[dict], knob_names: list[str]) -> list[str]:
+    head = (["layer", "N", "sparsity", "nnz", "ours", "kernel", "pad", "kernel (stream)"]
+            + [BASELINE_TITLES[b] for b in BASELINES] + ["floor"]
+            + [f"x {BASELINE_TITLES[b]}" for b in SPEEDUP_VS] + ["floor/ours", "variant", "/".join(knob_names)])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        var = "FAIL" if r["best_variant"] is None else f"v{r['best_variant']}"
+        knobs = "/".join(str(v) for v in r["best_knobs"].values()) if r["best_knobs"] else "-"
+        cells = ([r["layer"], str(r["batch"]), f"{r['sparsity']:.2f}", str(r["nnz"]), _f(r["ours_ms"]),
+                  _f(r["ours_kernel_ms"]), _f(r["pad_ms"]), _f(r["ours_stream_ms"])]
+                 + [_f(r["baselines"].get(b, {}).get("ms")) for b in BASELINES] + [_f(r["floor_ms"])]
+                 + [_x(r["speedup"].get(b)) for b in SPEEDUP_VS]
+                 + [_f(r["floor_fraction"], 3), var, knobs])
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def render_markdown(env: dict, manifest: dict, rows: list[dict], summary: dict, ours_metric: str,
+                    command: str) -> str:
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    knob_names = next((list(r["best_knobs"]) for r in rows if r["best_knobs"]), [])
+    git = manifest.get("git", {})
+    L = [f"## Sparse direct convolution on {env.get('gpu', '?')} ({date})", "",
+         f"GPU {env.get('gpu', '?')} (sm_{env.get('capability', '?').replace('.', '')}, {env.get('sms', '?')} SMs, "
+         f"L2 {env.get('l2_bytes', 0) / 2**20:.0f} MiB), driver {env.get('driver', '?')}; PyTorch {env.get('torch', '?')} "
+         f"(CUDA {env.get('cuda', '?')}), cuDNN {env.get('cudnn', '?')}, Triton {env.get('triton', '?')}; "
+         f"TVM runtime {env.get('tvm_runtime', '?')}. Kernels prepared {manifest.get('prepared_at', '?')} from commit "
+         f"`{git.get('commit', '?')[:10]}`{' (dirty tree)' if git.get('dirty') else ''} "
+         f"(variants: {manifest.get('variants_mode', '?')}).", "",
+         f"Commands: `python scripts/bench.py prepare` on the build machine, then on the GPU machine "
+         f"(carry `.devbundle` and `.gpu`): `{command}`.", "",
+         "Method: conv layers of `measure_anchors.py`, fp32 NCHW, seeded random weights pruned by magnitude, "
+         "random bias (kernel only; the baselines have none). Times are medians in ms. "
+         f"Baselines and `kernel` are timed with {env.get('bench_impl', 'do_bench')} (warm-up 25 ms, 100 ms of "
+         "repeats, L2 flushed before every call), exactly as in `measure_anchors.py`; `pad` is the zero padding "
+         "(and reshape) the graph pass emits before a kernel that reads a padded input, timed the same way; "
+         f"`ours` = {'kernel (stream)' if ours_metric == 'stream' else 'kernel'} + pad, and every speedup "
+         "(baseline / ours) and floor/ours uses it. `kernel (stream)`: the same kernel launched back to back "
+         "between two CUDA events (median per launch), cycling over copies of the input whose total exceeds "
+         "twice the L2, weights L2-resident. Each kernel variant and baseline is checked before it is timed "
+         f"(output poisoned with NaN; relative L2 error vs float64 `F.conv2d`: < {TOL_FP32:g} for fp32, "
+         f"< {TOL_REDUCED:g} for TF32 and fp16); a failing variant is never timed. The floor is the larger of "
+         "2*nnz*OH*OW*N flops at 67 TFLOP/s and the bytes (input, output, CSR) at 4.3 TB/s.", ""]
+    L.append("### Geometric means over the layers at 90% sparsity (`layers`: how many have a passing kernel)")
+    L.append("")
+    head = (["batch", "layers", "ours", "kernel", "kernel (stream)"] + [BASELINE_TITLES[b] for b in BASELINES]
+            + ["floor"] + [f"x {BASELINE_TITLES[b]}" for b in SPEEDUP_VS] + ["floor/ours"])
+    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b, g in summary.items():
+        L.append("| " + " | ".join([b, f"{g['counted']}/{g['cases']}", _f(g["ours_ms"]), _f(g["ours_kernel_ms"]),
+                                    _f(g["ours_stream_ms"])] + [_f(g[x]) for x in BASELINES] + [_f(g["floor_ms"])]
+                                   + [_x(g[f"speedup_{x}"]) for x in SPEEDUP_VS] + [_f(g["floor_fraction"], 3)]) + " |")
+    L.append("")
+    main = [r for r in rows if r["group"] == "main"]
+    if main:
+        L += ["### Per layer, 90% sparsity", ""] + _md_table(main, knob_names) + [""]
+    sweep_keys = {(r["layer"], r["batch"]) for r in rows if r["group"] == "sweep"}
+    sweep = sorted([r for r in rows if (r["layer"], r["batch"]) in sweep_keys], key=lambda r: (r["layer"], r["sparsity"]))
+    if sweep:
+        batches = ", ".join(str(b) for b in sorted({b for _, b in sweep_keys}))
+        L += [f"### Sparsity sweep, batch {batches}", ""] + _md_table(sweep, knob_names) + [""]
+    problems = []
+    for r in rows:
+        for v in r["variants"]:
+            if v["status"] != "ok":
+                err = "-" if v["rel_err"] is None else f"{v['rel_err']:.2e}"
+                problems.append(f"- {r['layer']} N={r['batch']} sp={r['sparsity']:.2f} variant v{v['variant']} "
+                                f"{json.dumps(v['knobs'])}: {v['status']} (rel err {err}) {v['error'] or ''}".rstrip())
+        for b, x in r["baselines"].items():
+            if x.get("status") != "ok":
+                problems.append(f"- {r['layer']} N={r['batch']} sp={r['sparsity']:.2f} {BASELINE_TITLES.get(b, b)}: "
+                                f"{x.get('status')} {x.get('error') or ''} (rel err {x.get('rel_err')})".rstrip())
+        if r["skipped"]:
+            problems.append(f"- {r['layer']} N={r['batch']} sp={r['sparsity']:.2f}: skipped, {r['skipped']}")
+    if problems:
+        L += ["### Failures and skips", ""] + problems + [""]
+    return "\n".join(L)
+
+
+def write_reports(out: Path, manifest: dict, ours_metric: str, command: str, plot: bool = False) -> dict:
+    records = read_records(out / "raw.jsonl")
+    env = next((r for r in reversed(records) if r.get("type") == "env"), {})
+    env = {k: v for k, v in env.items() if k != "type"}
+    rows = build_rows(manifest, records, ours_metric)
+    summary = summarize(rows)
+    result = {"env": env, "command": command, "ours_metric": ours_metric,
+              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "prepared": {k: manifest.get(k) for k in ("prepared_at", "git", "tvm", "target", "variants_mode")},
+              "method": {"baselines": "triton.testing.do_bench(warmup=25, rep=100, return_mode='median'), L2 flushed "
+                                      "before every call (as measure_anchors.py)",
+                         "kernel": "same do_bench as the baselines", "pad": "same do_bench; F.pad + reshape",
+                         "kernel_stream": "median per-launch time of back-to-back launches between CUDA events, "
+                                          "input rotated over copies totalling > 2x L2 (see rows[].stream), "
+                                          "weights L2-resident",
+                         "tolerance": {"fp32": TOL_FP32, "tf32_fp16": TOL_REDUCED},
+                         "floor": "max(2*nnz*OH*OW*N / 67e12, 4*(x + y + 2*nnz) / 4.3e12)"},
+              "summary": summary, "rows": rows}
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(render_markdown(env, manifest, rows, summary, ours_metric, command) + "\n")
+    if plot:
+        try:
+            plot_speedups(rows, out / "speedup.png", env.get("gpu", ""))
+        except Exception as e:
+            log(f"no plot: {short_error(e)}")
+    return result
+
+
+def plot_speedups(rows: list[dict], path: Path, gpu: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        log(f"no plot: matplotlib unavailable ({short_error(e)})")
+        return
+    batches = sorted({r["batch"] for r in rows if r["group"] == "main"})
+    if not batches:
+        return
+    fig, axes = plt.subplots(len(batches), 1, figsize=(14, 4.2 * len(batches)), squeeze=False)
+    for ax, b in zip(axes[:, 0], batches):
+        rs = [r for r in rows if r["group"] == "main" and r["batch"] == b]
+        width = 0.8 / len(SPEEDUP_VS)
+        for j, base in enumerate(SPEEDUP_VS):
+            vals = [r["speedup"].get(base) or 0.0 for r in rs]
+            ax.bar([k + (j - (len(SPEEDUP_VS) - 1) / 2) * width for k in range(len(rs))], vals, width,
+                   label=f"vs {BASELINE_TITLES[base]}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(rs)))
+        ax.set_xticklabels([r["layer"] for r in rs], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("speedup (baseline / ours)")
+        ax.set_title(f"sparse direct conv, 90% sparsity, batch {b} ({gpu})")
+        ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
+
+
+def measure_driver(args) -> int:
+    bench_dir, out = Path(args.bench_dir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((bench_dir / "manifest.json").read_text())
+    raw, progress = out / "raw.jsonl", out / "progress.json"
+    if not args.resume:
+        for p in (raw, progress):
+            if p.exists():
+                p.unlink()
+    t0 = time.time()
+    cubin = bench_dir / manifest.get("cubin", "kernels.cubin")
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump and cubin.exists():
+        p = subprocess.run([cuobjdump, "--dump-sass", str(cubin)], capture_output=True, text=True)
+        (out / "sass.txt").write_text((p.stdout + p.stderr)[: 8 * 2**20])
+    for name in ("resources.txt",):
+        if (bench_dir / name).exists():
+            shutil.copy(bench_dir / name, out / name)
+    command = MEASURE_CMD if not args.cases else MEASURE_CMD + f" --cases {args.cases}"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "measure", "--worker", "--bench-dir", str(bench_dir),
+           "--out", str(out), "--budget-s", str(args.budget_s), "--ours-metric", args.ours_metric]
+    if args.cases:
+        cmd += ["--cases", args.cases]
+    if args.no_stream:
+        cmd += ["--no-stream"]
+    env = dict(os.environ, BENCH_T0=str(t0))
+    restarts, crashed_parts = 0, set()
+    while True:
+        child = subprocess.Popen(cmd, env=env)
+        last = time.time()
+        rc = None
+        while rc is None:
+            try:
+                rc = child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                mt = progress.stat().st_mtime if progress.exists() else last
+                if time.time() - max(mt, last) > args.stall_s:
+                    log(f"worker made no progress for {args.stall_s:.0f} s: killing it")
+                    child.kill()
+                    rc = child.wait()
+        if rc == 0:
+            break
+        prog = json.loads(progress.read_text()) if progress.exists() else None
+        recs = read_records(raw)
+        if prog and not any(r.get("case") == prog["case"] and r.get("part") == prog["part"] for r in recs):
+            append_record(raw, {"type": "crash", "case": prog["case"], "part": prog["part"], "status": "CRASH",
+                                "error": f"worker died (exit {rc}) in this step"})
+        key = (prog or {}).get("case"), (prog or {}).get("part")
+        restarts += 1
+        if prog is None or key in crashed_parts or restarts > args.max_restarts:
+            log(f"worker failed (exit {rc}); giving up after {restarts} restart(s)")
+            break
+        crashed_parts.add(key)
+        log(f"worker exited {rc} in case {key[0]} {key[1]}: restarting ({restarts}/{args.max_restarts})")
+    if progress.exists():
+        progress.unlink()
+    result = write_reports(out, manifest, args.ours_metric, command, plot=True)
+    rows = result["rows"]
+    log("")
+    log(f"{'layer':20s} {'N':>3s} {'sp':>5s} {'ours':>8s} {'kernel':>8s} {'pad':>7s} {'stream':>8s} "
+        + " ".join(f"{b[:12]:>12s}" for b in BASELINES) + f" {'floor':>7s} "
+        + " ".join(f"{'x' + b[:10]:>11s}" for b in SPEEDUP_VS) + f" {'fl/ours':>7s}")
+    for r in rows:
+        log(f"{r['layer']:20s} {r['batch']:3d} {r['sparsity']:5.2f} {_f(r['ours_ms']):>8s} {_f(r['ours_kernel_ms']):>8s} "
+            f"{_f(r['pad_ms']):>7s} {_f(r['ours_stream_ms']):>8s} "
+            + " ".join(f"{_f(r['baselines'].get(b, {}).get('ms')):>12s}" for b in BASELINES)
+            + f" {_f(r['floor_ms']):>7s} " + " ".join(f"{_x(r['speedup'].get(b)):>11s}" for b in SPEEDUP_VS)
+            + f" {_f(r['floor_fraction'], 3):>7s}")
+    for b, g in result["summary"].items():
+        log(f"geomean batch {b} ({g['counted']}/{g['cases']} layers): ours {_f(g['ours_ms'])} ms, "
+            + ", ".join(f"{BASELINE_TITLES[x]} {_f(g[x])}" for x in BASELINES)
+            + "; speedup " + ", ".join(f"{_x(g['speedup_' + x])} vs {BASELINE_TITLES[x]}" for x in SPEEDUP_VS)
+            + f"; floor/ours {_f(g['floor_fraction'], 3)}")
+    n_skip = sum(bool(r["skipped"]) for r in rows)
+    n_fail = sum(r["best_variant"] is None and not r["skipped"] for r in rows)
+    log(f"wrote {out / 'bench.json'}, {out / 'bench.md'} in {time.time() - t0:.0f} s; "
+        f"{n_fail} case(s) without a passing kernel, {n_skip} skipped")
+    return 1 if n_fail else 0
+
+
+# ====================================================================== CLI
+def _cases_from_args(a) -> list[dict]:
+    if a.quick:
+        return make_cases([QUICK_LAYER], [1], sweep=False)
+    layers = a.layers.split(",") if a.layers else list(LAYERS)
+    unknown = [x for x in layers if x not in LAYERS]
+    if unknown:
+        raise SystemExit(f"unknown layer(s) {unknown}; known: {', '.join(LAYERS)}")
+    batches = [int(b) for b in a.batches.split(",")] if a.batches else list(BATCHES)
+    return make_cases(layers, batches, sweep=not a.no_sweep)
+
+
+def cmd_check(a) -> int:
+    t0 = time.time()
+    table = dict(LAYERS, **CHECK_LAYERS)
+    cases = []
+    for layer, batch, sp in CHECK_CASES:
+        cases += [dict(c, group="main") for c in make_cases([layer], [batch], sweep=False, table=table)]
+        cases[-1]["sparsity"] = sp
+    with tempfile.TemporaryDirectory(prefix="bench-check-") as td:
+        d = Path(td) / "bench"
+        manifest = prepare(d, cases, variants=a.variants or "3", command="bench.py check")
+        problems = verify(d, reapply=True)
+        n = sum(len(c["variants"]) for c in manifest["cases"])
+    if problems:
+        log("check FAILED:\n  " + "\n  ".join(problems))
+        return 1
+    log(f"check passed: {len(manifest['cases'])} cases, {n} kernels, manifest/npz/so consistent, symbols found by a "
+        f"runtime-only TVM ({time.time() - t0:.1f} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="build kernels, dense baselines, weights and manifest (needs TVM + nvcc)")
+    p.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR))
+    p.add_argument("--layers", help="comma-separated layer names (default: all 16)")
+    p.add_argument("--batches", help="comma-separated batch sizes (default: 1,32)")
+    p.add_argument("--variants", default="default", help="default | all | N (default + N-1 alternatives)")
+    p.add_argument("--no-sweep", action="store_true", help="leave out the sparsity sweep")
+    p.add_argument("--quick", action="store_true", help=f"one small case: {QUICK_LAYER}, batch 1")
+    p.add_argument("--max-kernels", type=int, default=4000)
+    m = sub.add_parser("measure", help="check and time on the GPU machine (TVM runtime only)")
+    m.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR))
+    m.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
+    m.add_argument("--cases", help="comma-separated case indices or layer names")
+    m.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this many seconds")
+    m.add_argument("--stall-s", type=float, default=75.0, help="kill a worker that makes no progress this long")
+    m.add_argument("--max-restarts", type=int, default=8)
+    m.add_argument("--ours-metric", choices=["dobench", "stream"], default="dobench",
+                   help="kernel time used for speedups: do_bench like the baselines (default) or back-to-back")
+    m.add_argument("--no-stream", action="store_true", help="skip the back-to-back timing")
+    m.add_argument("--resume", action="store_true", help="keep $OUT/raw.jsonl and continue it")
+    m.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    c = sub.add_parser("check", help="prepare two small cases into a temp dir and verify consistency (no GPU)")
+    c.add_argument("--variants", default="3")
+    i = sub.add_parser("_inspect", help=argparse.SUPPRESS)
+    i.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR))
+    i.add_argument("--allow-stub", action="store_true")
+    a = ap.parse_args(argv)
+
+    if a.cmd == "prepare":
+        cases = _cases_from_args(a)
+        cmd = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        prepare(Path(a.bench_dir), cases, variants=a.variants, max_kernels=a.max_kernels, command=cmd)
+        return 0
+    if a.cmd == "measure":
+        return measure_worker(a) if a.worker else measure_driver(a)
+    if a.cmd == "check":
+        return cmd_check(a)
+    if a.cmd == "_inspect":
+        print(json.dumps(inspect_bench(Path(a.bench_dir), a.allow_stub)))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
