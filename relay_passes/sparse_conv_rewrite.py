@@ -190,7 +190,8 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
         if rule is not None:
             tuned = knob_lookup(spec, weight_fmt, rule.name) if knob_lookup else None
             plan = rule.apply(spec, weight_fmt, Epilogue(relu=relu), rule.Knobs.from_dict(tuned) if tuned else None)
-            if (spec.N + plan.extra_images) * spec.C * plan.hp * plan.wp >= 2**31:
+            if max((spec.N + plan.extra_images) * spec.C * plan.hp * plan.wp,
+                   spec.N * spec.K * spec.OH * spec.OW) >= 2**31:
                 entry.reason, entry.fused = "input too large for the kernel's 32-bit indexing", []
                 continue
         entry.kernel = "sparse"
