@@ -192,7 +192,7 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
             plan = rule.apply(spec, weight_fmt, Epilogue(relu=relu), rule.Knobs.from_dict(tuned) if tuned else None)
             if max((spec.N + plan.extra_images) * spec.C * plan.hp * plan.wp,
                    spec.N * spec.K * spec.OH * spec.OW) >= 2**31:
-                entry.reason, entry.fused = "input too large for the kernel's 32-bit indexing", []
+                entry.reason, entry.fused = "input or output too large for the kernel's 32-bit indexing", []
                 continue
         entry.kernel = "sparse"
         sites[end] = _Site(entry, spec, call.args[0], weight_fmt, bias, Epilogue(relu=relu), plan)
