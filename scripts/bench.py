@@ -373,6 +373,9 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
         g = groups[gkey]
         weight = g["sparse"]
         knobs_list = knob_variants(rule, spec, weight, variants, seed=g["seed"] + case["batch"])
+        if len(funcs) + len(knobs_list) > max_kernels:
+            raise RuntimeError(f"more than --max-kernels {max_kernels} kernels ({len(knobs_list)} variants for case "
+                               f"{i} alone): ask for fewer variants, layers or batches")
         ventries = []
         for j, knobs in enumerate(knobs_list):
             sym = f"escort_bench_c{i}_v{j}"
@@ -415,8 +418,6 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
         d0 = ventries[0]
         log(f"case {i:2d} {case['layer']:20s} N={spec.N:<3d} sp={case['sparsity']:.2f} nnz={g['nnz']:<8d} "
             f"{len(ventries)} variant(s), default {d0['knobs']} first input {d0['first_input']['shape']}")
-        if len(funcs) > max_kernels:
-            raise RuntimeError(f"{len(funcs)} kernels exceed --max-kernels {max_kernels}: ask for fewer variants")
     t_sched = time.time() - t_sched
 
     # ---- our kernels: one module, one compile
