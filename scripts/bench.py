@@ -331,7 +331,7 @@ def nvcc_resources(source: str, workdir: Path) -> tuple[dict, str]:
     return res, " ".join(cmd[:-4] + ["-o", "kernels.cubin", "kernels.cu"])
 
 
-def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_kernels: int = 4000,
+def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_kernels: int = 1000,
             command: str = "") -> dict:
     """Build everything the GPU side needs into ``bench_dir`` (replaced as a whole); returns the manifest."""
     t_start = time.time()
@@ -1411,7 +1411,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="default", help="default | all | N (default + N-1 alternatives)")
     p.add_argument("--no-sweep", action="store_true", help="leave out the sparsity sweep")
     p.add_argument("--quick", action="store_true", help=f"one small case: {QUICK_LAYER}, batch 1")
-    p.add_argument("--max-kernels", type=int, default=4000)
+    p.add_argument("--max-kernels", type=int, default=1000, help="refuse to build more kernels than this")
     m = sub.add_parser("measure", help="check and time on the GPU machine (TVM runtime only)")
     m.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR))
     m.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
