@@ -8,8 +8,9 @@ from pathlib import Path
 from .conv_spec import ConvSpec
 
 
-def spec_key(spec: ConvSpec) -> str:
-    return json.dumps(asdict(spec), sort_keys=True)
+def spec_key(spec: ConvSpec) -> dict:
+    """The spec as it reads back from JSON (tuples become lists), so records compare equal."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
 
 
 class TuningLog:
@@ -37,8 +38,7 @@ class TuningLog:
         return cls(records)
 
     def lookup(self, spec: ConvSpec, weight, rule: str) -> dict | None:
-        key = asdict(spec)
-        key = {k: list(v) if isinstance(v, tuple) else v for k, v in key.items()}
+        key = spec_key(spec)
         cands = [r for r in self.records if r["rule"] == rule and r["spec"] == key]
         if not cands:
             return None
@@ -47,6 +47,5 @@ class TuningLog:
 
     @staticmethod
     def record(spec: ConvSpec, sparsity: float, rule: str, knobs: dict, time_ms: float) -> str:
-        key = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
-        return json.dumps({"rule": rule, "spec": key, "sparsity": round(sparsity, 4), "knobs": knobs,
+        return json.dumps({"rule": rule, "spec": spec_key(spec), "sparsity": round(sparsity, 4), "knobs": knobs,
                            "time_ms": time_ms})

@@ -41,6 +41,16 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+def _run_fresh(tmp_path, so, x, env):
+    """Run RUNNER on ``so`` in a new process with ``env``; it writes y.npy and info.json into tmp_path."""
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "run_model.py"
+    script.write_text(RUNNER)
+    return subprocess.run([sys.executable, str(script), str(so), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
+                           str(tmp_path / "info.json")], env=env, capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path)
+
+
 @pytest.fixture(scope="module")
 def cnn_build():
     model = small_pruned_cnn(batch=2, size=20, seed=11)
@@ -56,12 +66,7 @@ def test_export_and_load_in_fresh_runtime_only_process(tmp_path, cnn_build, rng,
     y_in_process = built(x)
     assert_close(y_in_process, ort_reference(model, {"input": x}))
 
-    np.save(tmp_path / "x.npy", x)
-    script = tmp_path / "run_model.py"
-    script.write_text(RUNNER)
-    proc = subprocess.run([sys.executable, str(script), str(so), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
-                           str(tmp_path / "info.json")], env=runtime_env, capture_output=True, text=True,
-                          timeout=180, cwd=tmp_path)
+    proc = _run_fresh(tmp_path, so, x, runtime_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["runtime_only"] is True
@@ -143,12 +148,7 @@ def test_llvm_model_with_full_fatbin_header_in_weights_loads(tmp_path, rng, runt
     model, so = _llvm_model_with_weights(tmp_path, rng, list(pair))
     assert FATBIN_MAGIC in so.read_bytes()
     x = randn(rng, (1, 3, 8, 8))
-    np.save(tmp_path / "x.npy", x)
-    script = tmp_path / "run_model.py"
-    script.write_text(RUNNER)
     # a fresh process: this one may hold TVM's CUDA runtime already (loaded by a CUDA build over the driver stub)
-    proc = subprocess.run([sys.executable, str(script), str(so), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
-                           str(tmp_path / "info.json")], env=runtime_env, capture_output=True, text=True,
-                          timeout=180, cwd=tmp_path)
+    proc = _run_fresh(tmp_path, so, x, runtime_env)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert_close(np.load(tmp_path / "y.npy"), ort_reference(model, {"x": x}))
