@@ -6,6 +6,7 @@ imported on first use and this package stays importable with ``TVM_USE_RUNTIME_L
 from .compute import Epilogue, conv2d_reference
 from .conv_spec import ConvSpec
 from .report import ConvReport
+from .prune import prune
 from .runtime import Model, load
 from .sparse_format import SparseConvWeight
 
@@ -31,5 +32,5 @@ def from_onnx(model_or_path, shape_dict=None):
     return _from_onnx(model_or_path, shape_dict)
 
 
-__all__ = ["build", "from_onnx", "load", "Model", "ConvReport", "ConvSpec", "SparseConvWeight", "Epilogue",
+__all__ = ["build", "from_onnx", "load", "prune", "Model", "ConvReport", "ConvSpec", "SparseConvWeight", "Epilogue",
            "conv2d_reference"]

@@ -3,14 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def magnitude_prune(w: np.ndarray, sparsity: float) -> np.ndarray:
-    """Zero the smallest-magnitude fraction ``sparsity`` of ``w`` (unstructured)."""
-    k = int(round(sparsity * w.size))
-    if k <= 0:
-        return w.copy()
-    thr = np.partition(np.abs(w).ravel(), k - 1)[k - 1]
-    return np.where(np.abs(w) > thr, w, 0).astype(w.dtype)
+from .prune import magnitude_prune  # noqa: F401  (kept importable from here)
 
 
 def small_pruned_cnn(batch: int = 1, size: int = 32, sparsity: float = 0.9, seed: int = 0):
