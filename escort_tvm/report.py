@@ -12,12 +12,17 @@ class ConvReport:
     weight_shape: tuple | None = None
     output_shape: tuple | None = None
     attrs: dict = field(default_factory=dict)  # stride, pad, dilation, groups
+    # of the weight the kernel runs: with a BatchNormalization folded in, the folded weight (per-channel
+    # scaling keeps every zero; it can only underflow a tiny weight to zero, which ``notes`` then says)
     sparsity: float | None = None
     nnz: int | None = None
     kernel: str = "dense"  # "sparse" or "dense"
     reason: str = ""  # why dense, in plain words; empty for sparse
-    fused: list = field(default_factory=list)  # epilogue ops folded into the kernel
+    # what the sparse kernel took over, in its order: "bn" (BatchNormalization folded into weight and
+    # bias), "bias", "residual" (an add of a tensor of the output's shape), "relu"; empty for dense
+    fused: list = field(default_factory=list)
     schedule: str = ""  # rule name and knobs, for sparse
+    notes: list = field(default_factory=list)  # anything else worth knowing, in plain words
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -26,8 +31,9 @@ class ConvReport:
         sp = "-" if self.sparsity is None else f"{self.sparsity:.3f}"
         what = self.kernel + (f" ({' + '.join(self.fused)})" if self.fused else "")
         tail = self.reason if self.kernel == "dense" else self.schedule
-        return (f"{self.index:3d} {self.name:24.24s} in={_shape(self.input_shape):18s} "
+        line = (f"{self.index:3d} {self.name:24.24s} in={_shape(self.input_shape):18s} "
                 f"w={_shape(self.weight_shape):16s} sparsity={sp:5s} {what:22s} {tail}")
+        return "; ".join([line] + list(self.notes))
 
 
 def _shape(s) -> str:

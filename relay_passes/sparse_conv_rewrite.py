@@ -1,9 +1,15 @@
-"""The graph pass: pruned conv2d (+ bias add + ReLU) -> pad -> call_tir(sparse direct convolution).
+"""The graph pass: pruned conv2d (+ BN + bias + residual add + ReLU) -> pad -> call_tir(sparse conv).
 
-Relay was removed from TVM in 0.20, so this is a Relax pass; the folder keeps the name the project
-was asked for. It only rewrites convs whose weight is a constant and whose sparsity reaches the
-threshold; everything else is left to TVM's normal pipeline, and every conv gets a report entry
-saying what it became and why.
+Relax pass (Relay was removed from TVM in 0.20); the folder keeps the name the project was asked
+for. It only rewrites convs whose weight is a constant and whose sparsity reaches the threshold;
+everything else is left to TVM's normal pipeline, and every conv gets a report entry saying what it
+became and why.
+
+What follows a chosen conv is taken into its kernel, in this order, each step only when the value
+before it has exactly one use (see ``_fuse_chain``):
+  [add per-channel constant] [inference batch_norm] [add per-channel constant]
+  [add tensor of the conv output's shape (residual)] [relu]
+BatchNormalization folds into the weight (per-output-channel scale: zeros stay zeros) and the bias.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class _Site:
     bias: np.ndarray
     epilogue: Epilogue
     plan: object = None  # schedules.KernelPlan
+    residual: relax.Expr | None = None  # the add's other operand, defined before the add (SSA)
 
 
 def _static_shape(expr) -> tuple[int, ...] | None:
@@ -118,13 +125,130 @@ def _op_name(value) -> str:
 
 
 def _users(values: dict) -> dict:
+    """var -> the vars whose bound value (a call or a tuple item) reads it."""
     users: dict = {}
     for var, value in values.items():
         if isinstance(value, relax.Call):
-            for arg in value.args:
-                if isinstance(arg, relax.Var):
-                    users.setdefault(arg, []).append(var)
+            args = value.args
+        elif isinstance(value, relax.TupleGetItem):
+            args = [value.tuple_value]
+        else:
+            continue
+        for arg in args:
+            if isinstance(arg, relax.Var):
+                users.setdefault(arg, []).append(var)
     return users
+
+
+# ---------------------------------------------------------------- the chain fused after a conv
+@dataclass
+class _Chain:
+    """What follows a conv and goes into its kernel: BN folded into ``scale`` (of the weight) and
+    ``bias``, an optional residual operand and ReLU. ``end`` is the var whose binding the kernel
+    call replaces; ``add`` is the residual add's var, which no other conv may then claim."""
+
+    end: relax.Var
+    scale: np.ndarray  # (K,) float64, multiplies output channel k of the weight
+    bias: np.ndarray  # (K,) float64
+    bn: bool = False
+    has_bias: bool = False
+    residual: relax.Expr | None = None
+    add: relax.Var | None = None
+    relu: bool = False
+
+    @property
+    def fused(self) -> list[str]:
+        return [n for n, on in (("bn", self.bn), ("bias", self.has_bias), ("residual", self.residual is not None),
+                                ("relu", self.relu)) if on]
+
+    def folded_weight(self, w: np.ndarray) -> np.ndarray:
+        if not self.bn:
+            return w
+        return (w.astype(np.float64) * self.scale.reshape(-1, 1, 1, 1)).astype(np.float32)
+
+
+def _only_user(var, values, counts, users, claimed):
+    """(user var, its value) when ``var`` has exactly one use, a binding not yet taken by another kernel."""
+    nxt = users.get(var, [])
+    if counts.get(var, 0) != 1 or len(nxt) != 1 or nxt[0] in claimed:
+        return None, None
+    return nxt[0], values[nxt[0]]
+
+
+def _add_operand(add, var):
+    """The other operand of ``add(var, other)`` / ``add(other, var)``."""
+    return add.args[1] if add.args[0].same_as(var) else add.args[0]
+
+
+def _bn_affine(call, K: int):
+    """(scale, shift) in float64 of an inference batch_norm over axis 1 with constant parameters, else None."""
+    a = call.attrs
+    if bool(a.training) or int(a.axis) != 1 or not all(_is_const(p) for p in call.args[1:5]):
+        return None
+    gamma, beta, mean, var = (p.value.numpy().astype(np.float64) for p in call.args[1:5])
+    if any(p.shape != (K,) for p in (gamma, beta, mean, var)):
+        return None
+    gamma = gamma if bool(a.scale) else np.ones(K)
+    beta = beta if bool(a.center) else np.zeros(K)
+    with np.errstate(all="ignore"):
+        scale = gamma / np.sqrt(var + float(a.epsilon))
+        shift = beta - mean * scale
+    if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
+        return None  # var + eps <= 0 or infinities: leave the BN to TVM
+    return scale, shift
+
+
+def _is_bn_item0(tup, values, counts, users):
+    """``tup`` (a batch_norm result) is read only as item 0, once: returns that item's var, else None."""
+    items = users.get(tup, [])
+    if not items or not all(isinstance(values[u], relax.TupleGetItem) for u in items):
+        return None
+    first = [u for u in items if values[u].index == 0]
+    rest = [u for u in items if values[u].index != 0]
+    if len(first) != 1 or counts.get(tup, 0) != len(items) or any(counts.get(u, 0) for u in rest):
+        return None
+    return first[0]
+
+
+def _fuse_chain(var, spec: ConvSpec, values, counts, users, claimed) -> _Chain:
+    """Walk the ops after conv ``var`` that its kernel can take (see the module docstring).
+
+    A residual operand cannot depend on the conv's output: every var of the chain has exactly one
+    use (the next step), so the only way out of the chain is through the add itself, and SSA
+    defines the add's other operand before the add.
+    """
+    K = spec.K
+    ch = _Chain(end=var, scale=np.ones(K), bias=np.zeros(K))
+
+    def take_bias():
+        nxt, val = _only_user(ch.end, values, counts, users, claimed)
+        if _op_name(val) != "relax.add":
+            return False
+        b = _per_channel(_add_operand(val, ch.end), K)
+        if b is None:
+            return False
+        ch.bias, ch.end, ch.has_bias = ch.bias + b.astype(np.float64), nxt, True
+        return True
+
+    take_bias()
+    nxt, val = _only_user(ch.end, values, counts, users, claimed)
+    if _op_name(val) == "relax.nn.batch_norm" and val.args[0].same_as(ch.end):
+        affine = _bn_affine(val, K)
+        item = _is_bn_item0(nxt, values, counts, users) if affine is not None else None
+        if item is not None and item not in claimed:
+            scale, shift = affine
+            ch.scale, ch.bias, ch.end, ch.bn = scale, ch.bias * scale + shift, item, True
+            take_bias()
+    nxt, val = _only_user(ch.end, values, counts, users, claimed)
+    if _op_name(val) == "relax.add":
+        other = _add_operand(val, ch.end)
+        if (isinstance(other, (relax.Var, tvm.ir.expr.Constant)) and not other.same_as(ch.end)
+                and _static_shape(other) == spec.output_shape and _dtype(other) == "float32"):
+            ch.residual, ch.add, ch.end = other, nxt, nxt
+    nxt, val = _only_user(ch.end, values, counts, users, claimed)
+    if _op_name(val) == "relax.nn.relu":
+        ch.relu, ch.end = True, nxt
+    return ch
 
 
 def _conv_calls(func: relax.Function):
@@ -147,7 +271,7 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
     """
     values, counts = _uses(func)
     users = _users(values)
-    report, sites = [], {}
+    report, sites, claimed = [], {}, set()
     convs = _conv_calls(func)
     for i, (var, call) in enumerate(convs):
         name = param_names[i] if param_names and i < len(param_names) and param_names[i] else f"conv2d_{i}"
@@ -162,6 +286,12 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
             entry.reason = "weight is not a constant (computed at run time or a model input)"
             continue
         w = weight.value.numpy()
+        chain = _fuse_chain(var, spec, values, counts, users, claimed) if spec is not None else None
+        if chain is not None and chain.bn:
+            w, own_nnz = chain.folded_weight(w), int(np.count_nonzero(w))
+            if np.count_nonzero(w) < own_nnz:
+                entry.notes.append(f"folding BatchNormalization underflowed {own_nnz - np.count_nonzero(w)} "
+                                   "nonzero weights to zero; sparsity is of the folded weight")
         entry.nnz = int(np.count_nonzero(w))
         sparsity = 1.0 - entry.nnz / w.size
         entry.sparsity = round(sparsity, 4)
@@ -171,31 +301,21 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
         if sparsity < min_sparsity:
             entry.reason = f"sparsity {sparsity:.4f} is below min_sparsity {min_sparsity:.4g}"
             continue
-        # Fuse a following per-channel bias add and ReLU when this conv is their only producer path.
-        end, bias, relu = var, np.zeros(spec.K, np.float32), False
-        nxt = users.get(end, [])
-        if counts.get(end, 0) == 1 and len(nxt) == 1 and _op_name(values[nxt[0]]) == "relax.add":
-            add = values[nxt[0]]
-            other = add.args[1] if add.args[0].same_as(end) else add.args[0]
-            b = _per_channel(other, spec.K)
-            if b is not None:
-                bias, end = b, nxt[0]
-                entry.fused.append("bias")
-        nxt = users.get(end, [])
-        if counts.get(end, 0) == 1 and len(nxt) == 1 and _op_name(values[nxt[0]]) == "relax.nn.relu":
-            relu, end = True, nxt[0]
-            entry.fused.append("relu")
+        epilogue = Epilogue(relu=chain.relu, residual=chain.residual is not None)
         weight_fmt = SparseConvWeight.from_dense(w, spec.groups)
         plan = None
         if rule is not None:
             tuned = knob_lookup(spec, weight_fmt, rule.name) if knob_lookup else None
-            plan = rule.apply(spec, weight_fmt, Epilogue(relu=relu), rule.Knobs.from_dict(tuned) if tuned else None)
+            plan = rule.apply(spec, weight_fmt, epilogue, rule.Knobs.from_dict(tuned) if tuned else None)
             if max((spec.N + plan.extra_images) * spec.C * plan.hp * plan.wp,
                    spec.N * spec.K * spec.OH * spec.OW) >= 2**31:
-                entry.reason, entry.fused = "input or output too large for the kernel's 32-bit indexing", []
+                entry.reason = "input or output too large for the kernel's 32-bit indexing"
                 continue
-        entry.kernel = "sparse"
-        sites[end] = _Site(entry, spec, call.args[0], weight_fmt, bias, Epilogue(relu=relu), plan)
+        entry.kernel, entry.fused = "sparse", chain.fused
+        if chain.add is not None:
+            claimed.add(chain.add)
+        sites[chain.end] = _Site(entry, spec, call.args[0], weight_fmt, chain.bias.astype(np.float32), epilogue,
+                                 plan, chain.residual)
     return report, sites
 
 
@@ -221,6 +341,8 @@ class _Rewriter(relax.PyExprMutator):
         func = plan.func.without_attr("global_symbol").with_attr("op_pattern", 8)
         gvar = bb.add_func(func, f"escort_sparse_conv{site.report.index}")
         args = [x] + [relax.const(a) for a in plan.weight_arrays] + [relax.const(site.bias)]
+        if site.residual is not None:
+            args.append(self.visit_expr(site.residual))
         call = relax.call_tir(gvar, relax.Tuple(args), relax.TensorType(spec.output_shape, "float32"))
         bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(call)))
 

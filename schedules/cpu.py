@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from escort_tvm.compute import Epilogue
+from escort_tvm.compute import Epilogue, drop_unused_residual
 from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
@@ -55,12 +55,13 @@ def _cpu_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int, 
     sh, sw = spec.stride
     CHW = spec.C * hp * wp
     OWT = -(-OW // VW)
-    relu = epilogue.relu
+    relu, res = epilogue.relu, epilogue.residual
 
     @T.prim_func(s_tir=True)
     def sparse_conv2d_cpu(x: T.Buffer((N, CHW), "float32"), row_ptr: T.Buffer((K + 1,), "int32"),
                           offset: T.Buffer((nnz,), "int32"), value: T.Buffer((nnz,), "float32"),
-                          bias: T.Buffer((K,), "float32"), y: T.Buffer((N, K, OH, OW), "float32")):
+                          bias: T.Buffer((K,), "float32"), residual: T.Buffer((N, K, OH, OW), "float32"),
+                          y: T.Buffer((N, K, OH, OW), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for nk in T.parallel(N * K):
             for oh, owo in T.grid(OH, OWT):
@@ -68,7 +69,11 @@ def _cpu_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int, 
                     n = T.axis.spatial(N, nk // K)
                     k = T.axis.spatial(K, nk % K)
                     voh, vowo = T.axis.remap("SS", [oh, owo])
-                    T.reads(x[n, 0:CHW], row_ptr[k:k + 2], offset[0:nnz], value[0:nnz], bias[k])
+                    if res:
+                        T.reads(x[n, 0:CHW], row_ptr[k:k + 2], offset[0:nnz], value[0:nnz], bias[k],
+                                residual[n, k, voh, vowo * VW:vowo * VW + VW])
+                    else:
+                        T.reads(x[n, 0:CHW], row_ptr[k:k + 2], offset[0:nnz], value[0:nnz], bias[k])
                     T.writes(y[n, k, voh, vowo * VW:vowo * VW + VW])
                     acc = T.alloc_buffer((VW,), "float32", scope="local")
                     for v in T.vectorized(VW):
@@ -78,9 +83,11 @@ def _cpu_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int, 
                             acc[v] = acc[v] + value[j] * x[n, offset[j] + voh * (sh * wp) + (vowo * VW + v) * sw]
                     for v in T.serial(VW):
                         if vowo * VW + v < OW:
+                            if res:
+                                acc[v] = acc[v] + residual[n, k, voh, vowo * VW + v]
                             if relu:
                                 y[n, k, voh, vowo * VW + v] = T.max(acc[v], T.float32(0))
                             else:
                                 y[n, k, voh, vowo * VW + v] = acc[v]
 
-    return sparse_conv2d_cpu
+    return drop_unused_residual(sparse_conv2d_cpu, epilogue)

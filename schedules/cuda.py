@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from escort_tvm.compute import Epilogue
+from escort_tvm.compute import Epilogue, drop_unused_residual
 from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
@@ -110,12 +110,13 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
     KG = -(-K // KB)
     NG = NP // VN
     LOADS = -(-CH // NT)
-    relu = epilogue.relu
+    relu, res = epilogue.relu, epilogue.residual
 
     @T.prim_func(s_tir=True)
     def sparse_conv2d_cuda(x: T.Buffer((NP, CHW), "float32"), row_ptr: T.Buffer((K + 1,), "int32"),
                            offset: T.Buffer((nnz,), "int32"), value: T.Buffer((nnz,), "float32"),
-                           bias: T.Buffer((K,), "float32"), y: T.Buffer((N, K, OH, OW), "float32")):
+                           bias: T.Buffer((K,), "float32"), residual: T.Buffer((N, K, OH, OW), "float32"),
+                           y: T.Buffer((N, K, OH, OW), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for ng in T.thread_binding(NG, thread="blockIdx.z"):
             for kg in T.thread_binding(KG, thread="blockIdx.y"):
@@ -123,7 +124,11 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                     for ty in T.thread_binding(TY, thread="threadIdx.y"):
                         for tx in T.thread_binding(TX, thread="threadIdx.x"):
                             with T.sblock("conv"):
-                                T.reads(x[0:NP, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz], bias[0:K])
+                                if res:
+                                    T.reads(x[0:NP, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz], bias[0:K],
+                                            residual[0:N, 0:K, 0:OH, 0:OW])
+                                else:
+                                    T.reads(x[0:NP, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz], bias[0:K])
                                 T.writes(y[0:N, 0:K, 0:OH, 0:OW])
                                 s_off = T.alloc_buffer((CH,), "int32", scope="shared")
                                 s_val = T.alloc_buffer((CH,), "float32", scope="shared")
@@ -164,10 +169,13 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                         for v in T.unroll(VW):
                                             if (kg * KB + kb < K and ng * VN + i < N and oh < OH
                                                     and ow0 + v * TX < OW):
+                                                if res:
+                                                    acc[i * VW + v] = acc[i * VW + v] + residual[
+                                                        ng * VN + i, kg * KB + kb, oh, ow0 + v * TX]
                                                 if relu:
                                                     y[ng * VN + i, kg * KB + kb, oh, ow0 + v * TX] = T.max(
                                                         acc[i * VW + v], T.float32(0))
                                                 else:
                                                     y[ng * VN + i, kg * KB + kb, oh, ow0 + v * TX] = acc[i * VW + v]
 
-    return sparse_conv2d_cuda
+    return drop_unused_residual(sparse_conv2d_cuda, epilogue)
