@@ -14,7 +14,7 @@
 A *task* is one distinct sparse conv as escort_tvm's pass would plan it (its ConvSpec, sparse weight and
 fused epilogue; identical convs of a model are tuned once). For every rule of ``schedules.RULES`` that
 takes the target, ``prepare`` samples up to ``--trials`` knob settings (the rule's defaults first, then
-one-knob neighbours of the defaults, then seeded random points of ``Knobs.space()``), schedules each with
+one-knob neighbours of the defaults interleaved with seeded random points of ``Knobs.space()``), schedules each with
 ``rule.apply`` (a ValueError there skips the setting, with the reason in the manifest), compiles all
 candidates into a few ``.so`` files (one global symbol per candidate) and writes them with
 ``manifest.json`` and the weight arrays (``weights_<task>.npz``).
@@ -55,7 +55,7 @@ SIZE_WARN_MB = 35.0  # .devbundle (~23 MiB) + the prepared folder must fit one 6
 INT32_LIMIT = 2**31
 MEASURE_CMD = "source .devbundle/activate && python3 scripts/tune.py measure --dir .gpu/tune --out $OUT"
 # Modules the measuring side must not load: they need TVM's compiler library.
-COMPILER_MODULES = ("tvm.relax", "tvm.script", "tvm.s_tir", "escort_tvm.compiler", "escort_tvm.frontend",
+COMPILER_MODULES = ("tvm.relax", "tvm.s_tir", "escort_tvm.compiler", "escort_tvm.frontend",
                     "relay_passes", "schedules")
 
 
@@ -426,15 +426,18 @@ def _jsonable(d: dict) -> dict:
 
 # ====================================================================== prepare
 def resolve_target(target):
-    import tvm
-
-    if isinstance(target, str) and target.strip().startswith("{"):
-        target = json.loads(target)
-    if target in (None, "cuda"):
-        return tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    """As build resolves it ("cuda": the visible GPU's arch, else sm_90); a JSON dict string is accepted too."""
     from escort_tvm.compiler import resolve_target as _resolve
 
-    return _resolve(target)
+    if isinstance(target, str) and target.strip().startswith("{"):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--target {target!r} is not valid JSON: {e}") from None
+    try:
+        return _resolve(target)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"tune.py: {e}") from None
 
 
 def _array_key(a) -> str:
@@ -835,6 +838,8 @@ def measure_worker(args) -> int:
     def mark(task, cand):
         progress.write_text(json.dumps({"task": task, "cand": cand, "t": time.time()}))
 
+    fault = os.environ.get("ESCORT_TUNE_FAULT")  # test hook: "task,cand" makes the worker die there once
+    fault = tuple(int(v) for v in fault.split(",")) if fault else None
     for t in _selected(manifest, args.tasks):
         i = t["index"]
         if (i, None) in done:
@@ -859,6 +864,9 @@ def measure_worker(args) -> int:
             if (i, c["index"]) in done:
                 continue
             mark(i, c["index"])
+            if fault == (i, c["index"]) and not any(r.get("type") == "fault" for r in records):
+                emit({"type": "fault", "task": i, "cand": c["index"]})
+                os._exit(7)
             rec = {"type": "cand", "task": i, "cand": c["index"], "symbol": c["symbol"], "rule": c["rule"],
                    "knobs": c["knobs"], "default": c["default"]}
             try:
@@ -895,9 +903,14 @@ def measure_worker(args) -> int:
         log(f"task {i:3d} {t['label'][:36]:36s} {len(ok)}/{len(t['candidates'])} ok"
             + (f", best {best['rule']} {best['time_ms']:.4f} ms {json.dumps(best['knobs'])}" if best else "")
             + f" ({time.time() - tt:.1f} s)")
+    emit({"type": "worker_end", "compiler_modules_loaded": _compiler_modules()})
     if progress.exists():
         progress.unlink()
     return 0
+
+
+def _compiler_modules() -> list[str]:
+    return sorted(m for m in sys.modules if any(m == p or m.startswith(p + ".") for p in COMPILER_MODULES))
 
 
 def measure_driver(args) -> int:
@@ -1120,7 +1133,7 @@ def dry_run(d: Path, allow_stub: bool = True) -> dict:
                 problems.append(f"{c['symbol']}: array dtypes differ from the kernel's")
             if list(first_input_numpy(x, c["first_input"]).shape) != c["first_input"]["shape"]:
                 problems.append(f"{c['symbol']}: first input layout gives another shape")
-    mods = sorted(m for m in sys.modules if any(m == p or m.startswith(p + ".") for p in COMPILER_MODULES))
+    mods = _compiler_modules()
     return {"tasks": len(manifest["tasks"]), "candidates": n, "libs": len(libs), "problems": problems,
             "compiler_modules_loaded": mods, "runtime_only": os.environ.get("TVM_USE_RUNTIME_LIB") == "1",
             "target_kind": manifest["target_kind"]}
@@ -1146,7 +1159,10 @@ def _tasks_from_args(a) -> tuple[list[dict], dict]:
     if bool(a.model) == bool(a.layers):
         raise SystemExit("give a MODEL.onnx or --layers (not both)")
     if a.model:
-        tasks, dense = tasks_from_model(a.model, _parse_shapes(a.shape), a.min_sparsity, a.group_by)
+        try:
+            tasks, dense = tasks_from_model(a.model, _parse_shapes(a.shape), a.min_sparsity, a.group_by)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"tune.py: {e}") from None
         for line in dense:
             log(f"dense (not tuned): {line}")
         source = {"model": str(a.model), "group_by": a.group_by, "min_sparsity": a.min_sparsity}
