@@ -144,5 +144,5 @@ def check_device_kernels(ex, report: list[ConvReport]) -> None:
     """TVM compiles an unscheduled PrimFunc for the host without a word: make sure ours went to the GPU."""
     source = "".join(m.inspect_source() for m in _all_modules(ex.mod) if m.kind == "cuda")
     for r in report:
-        if r.kernel == "sparse" and f"escort_sparse_conv{r.index}_kernel" not in source:
+        if r.kernel == "sparse" and f"{r.function or f'escort_sparse_conv{r.index}'}_kernel" not in source:
             raise RuntimeError(f"sparse kernel for conv {r.index} was not compiled as a GPU kernel")

@@ -22,6 +22,7 @@ class ConvReport:
     # bias), "bias", "residual" (an add of a tensor of the output's shape), "relu"; empty for dense
     fused: list = field(default_factory=list)
     schedule: str = ""  # rule name and knobs, for sparse
+    function: str = ""  # the kernel's function in the built module (convs with identical kernels share one)
     notes: list = field(default_factory=list)  # anything else worth knowing, in plain words
 
     def as_dict(self) -> dict:

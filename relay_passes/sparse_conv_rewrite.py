@@ -210,6 +210,19 @@ def _is_bn_item0(tup, values, counts, users):
     return first[0]
 
 
+def _kernel_weight(w: np.ndarray, chain: _Chain | None, entry: ConvReport) -> np.ndarray:
+    """The weight the kernel runs: with a BN folded in where the chain has one. Sparsity is counted on
+    it; scaling keeps every zero and can only add zeros by underflow, which the report's notes say."""
+    if chain is None or not chain.bn:
+        return w
+    folded = chain.folded_weight(w)
+    lost = int(np.count_nonzero(w)) - int(np.count_nonzero(folded))
+    if lost:
+        entry.notes.append(f"folding BatchNormalization underflowed {lost} nonzero weights to zero; "
+                           "sparsity is of the folded weight")
+    return folded
+
+
 def _fuse_chain(var, spec: ConvSpec, values, counts, users, claimed) -> _Chain:
     """Walk the ops after conv ``var`` that its kernel can take (see the module docstring).
 
@@ -285,13 +298,8 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
         if not _is_const(weight):
             entry.reason = "weight is not a constant (computed at run time or a model input)"
             continue
-        w = weight.value.numpy()
         chain = _fuse_chain(var, spec, values, counts, users, claimed) if spec is not None else None
-        if chain is not None and chain.bn:
-            w, own_nnz = chain.folded_weight(w), int(np.count_nonzero(w))
-            if np.count_nonzero(w) < own_nnz:
-                entry.notes.append(f"folding BatchNormalization underflowed {own_nnz - np.count_nonzero(w)} "
-                                   "nonzero weights to zero; sparsity is of the folded weight")
+        w = _kernel_weight(weight.value.numpy(), chain, entry)
         entry.nnz = int(np.count_nonzero(w))
         sparsity = 1.0 - entry.nnz / w.size
         entry.sparsity = round(sparsity, 4)
@@ -339,7 +347,10 @@ class _Rewriter(relax.PyExprMutator):
                                                 pl, plan.wp - spec.W - pl]))
             x = bb.emit(relax.op.reshape(x, (spec.N + plan.extra_images, spec.C * plan.hp * plan.wp)))
         func = plan.func.without_attr("global_symbol").with_attr("op_pattern", 8)
+        # add_func returns the existing function when an identical kernel (same shape, nnz, epilogue and
+        # knobs; the weights are arguments) was added for an earlier conv: the report names the one used.
         gvar = bb.add_func(func, f"escort_sparse_conv{site.report.index}")
+        site.report.function = gvar.name_hint
         args = [x] + [relax.const(a) for a in plan.weight_arrays] + [relax.const(site.bias)]
         if site.residual is not None:
             args.append(self.visit_expr(site.residual))

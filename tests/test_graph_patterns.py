@@ -414,3 +414,52 @@ def test_report_fields_round_trip_through_export(rng, tmp_path):
     assert [r.notes for r in loaded.report] == [r.notes for r in built.report]
     x = randn(rng, xshape)
     assert_close(loaded(x), np_forward(model, {"x": x}))
+
+
+# ---------------------------------------------------------------- the pass on hand-built Relax
+def _conv_bn_relu_func(rng, training=False, use_mean=False):
+    """conv -> batch_norm with all three tuple items bound (items 1, 2 unused unless use_mean) -> relu."""
+    from tvm import relax
+
+    K = 6
+    x = relax.Var("x", relax.TensorType((1, 3, 7, 7), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            c = bb.emit(relax.op.nn.conv2d(x, relax.const(pruned(rng, (K, 3, 3, 3), 0.8)), padding=(1, 1)))
+            p = bn_params(rng, K, "bn")
+            t = bb.emit(relax.op.nn.batch_norm(c, *[relax.const(p[f"bn_{n}"]) for n in "sbmv"], axis=1,
+                                               training=training))
+            y0, y1 = bb.emit(relax.TupleGetItem(t, 0)), bb.emit(relax.TupleGetItem(t, 1))
+            bb.emit(relax.TupleGetItem(t, 2))
+            out = bb.emit_output(relax.Tuple([bb.emit(relax.op.nn.relu(y0)), y1]) if use_mean
+                                 else bb.emit(relax.op.nn.relu(y0)))
+        bb.emit_func_output(out)
+    return bb.get()["main"]
+
+
+@pytest.mark.parametrize("training,use_mean,fused", [
+    (False, False, ["bn", "relu"]),  # unused mean/var items do not block the fold
+    (False, True, []),  # the BN's running-mean output is read: the BN must stay
+    (True, False, []),  # training-mode BN normalises with batch statistics: not foldable
+])
+def test_plan_sites_bn_tuple_items(rng, training, use_mean, fused):
+    from relay_passes.sparse_conv_rewrite import plan_sites
+
+    report, sites = plan_sites(_conv_bn_relu_func(rng, training, use_mean), min_sparsity=0.5)
+    (r,) = report
+    assert r.kernel == "sparse" and r.fused == fused and len(sites) == 1
+
+
+def test_cuda_build_shares_identical_kernels(rng):
+    """Convs with identical kernels (same shape, nnz and epilogue; weights are arguments) share one function.
+    Regression: the device-kernel check looked for one kernel per conv index and failed the whole build."""
+    model, _ = _bottleneck(rng, N=1)
+    built = build_onnx(model, "cuda")
+    rep = built.report
+    assert [r.kernel for r in rep] == ["sparse"] * 7
+    functions = [r.function for r in rep]
+    assert functions[2] == functions[6] == "escort_sparse_conv2", functions  # b1c3 and b2c3: same kernel
+    assert len(set(functions)) < len(functions)
+    kernels = set(re.findall(GLOBAL_FN, cuda_source(built.executable)))
+    assert {f"{f}_kernel" for f in functions} <= kernels, sorted(kernels)
