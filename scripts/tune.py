@@ -351,11 +351,18 @@ def _signature(func) -> list:
     return [[str(p.name), [int(d) for d in p.ty.shape], str(p.ty.dtype)] for p in func.params]
 
 
+_LAYOUTS: dict = {}  # (spec, padded, hp, wp, extra images) -> proven layout: the probe is slow on big inputs
+
+
 def describe_first_input(plan, spec) -> dict:
     """The kernel's first argument as a layout the measuring side can rebuild (numpy or torch), proven equal to
     ``plan.prepare_input`` on a probe input; raises ValueError for a layout this script does not know."""
     import numpy as np
 
+    key = (spec, bool(getattr(plan, "padded_input", True)), int(plan.hp), int(plan.wp),
+           int(getattr(plan, "extra_images", 0) or 0), type(plan).__name__)
+    if key in _LAYOUTS:
+        return dict(_LAYOUTS[key])
     x = (np.arange(int(np.prod(spec.input_shape)), dtype=np.float32) % 251 + 1.0).reshape(spec.input_shape)
     got = np.asarray(plan.prepare_input(x))
     if getattr(plan, "padded_input", True):
@@ -370,6 +377,7 @@ def describe_first_input(plan, spec) -> dict:
             or not np.array_equal(got, first_input_numpy(x, layout)):
         raise ValueError(f"plan.prepare_input gives {got.dtype} {list(got.shape)}, not the layout {layout}: "
                          "teach tune.py (first_input_numpy / first_input_torch) the new layout")
+    _LAYOUTS[key] = dict(layout)
     return layout
 
 
@@ -407,12 +415,16 @@ def make_candidates(task: dict, rules: list, trials: int, seed: int, max_attempt
                 if got >= trials or attempts >= limit:
                     break
                 attempts += 1
+                t0 = time.time()
                 try:
                     plan = rule.apply(spec, weight, epi, knobs)
                     layout, sig = check_plan(plan, spec, epi_d)
                 except ValueError as e:
                     skipped.append({"rule": rule.name, "knobs": _jsonable(knobs.as_dict()), "reason": short_error(e)})
                     continue
+                finally:
+                    if time.time() - t0 > 10:  # say what takes long (specialised kernels of big layers)
+                        log(f"    {rule.name} {_jsonable(knobs.as_dict())}: scheduled in {time.time() - t0:.0f} s")
                 out.append((rule, knobs, plan, layout, sig))
                 got += 1
         except ValueError as e:  # default_knobs itself refused the conv
@@ -968,10 +980,11 @@ def measure_driver(args) -> int:
     log("")
     log(result["table"])
     n_fail = sum(1 for t in result["tasks"] if t["measured"] and t["winner"] is None)
+    n_left = sum(not t["measured"] for t in result["tasks"])
     log(f"wrote {out / 'tune.jsonl'} ({result['records']} records), {out / 'summary.md'}, {out / 'results.json'} "
-        f"in {time.time() - t0:.0f} s; {n_fail} task(s) without a passing candidate, "
-        f"{sum(not t['measured'] for t in result['tasks'])} not measured")
-    return 1 if n_fail else 0
+        f"in {time.time() - t0:.0f} s; {n_fail} task(s) without a passing candidate, {n_left} not measured")
+    # failure: a task where nothing passed, or a worker that gave up; tasks left for lack of time are not one
+    return 1 if n_fail or rc != 0 or not any(t["measured"] for t in result["tasks"]) else 0
 
 
 def _measure_flags(args) -> list[str]:
@@ -1259,6 +1272,16 @@ def main(argv=None) -> int:
             return 0 if ok else 1
         return measure_driver(a)
     if a.cmd == "run":
+        if "cuda" in str(a.target):
+            try:
+                import torch
+
+                have_gpu = torch.cuda.is_available()
+            except ImportError:
+                have_gpu = False
+            if not have_gpu:
+                raise SystemExit("tune.py run --target cuda measures here and needs a GPU and torch: use `prepare` "
+                                 "here and `measure` on the GPU machine (see docs/tuning.md)")
         tasks, source = _tasks_from_args(a)
         with tempfile.TemporaryDirectory(prefix="escort-tune-") as td:
             a.dir = a.dir or str(Path(td) / "prepared")

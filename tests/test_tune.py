@@ -199,6 +199,31 @@ def test_layer_tasks_use_bench_weights():
     assert np.array_equal(t["dense"], dense) and np.array_equal(t["bias"], bias)
 
 
+def test_model_tasks_dedupe_identical_convs(tmp_path, rng):
+    """Two convs sharing one weight (and epilogue) are one task; --group-by shape merges same-shape convs too."""
+    import onnx
+    from onnx import helper
+
+    w1, w2 = pruned(rng, (8, 8, 3, 3), 0.8), pruned(rng, (8, 8, 3, 3), 0.8)
+    nodes = []
+    x = "x"
+    for i, w in enumerate(["w1", "w2", "w1"]):
+        nodes += [helper.make_node("Conv", [x, w], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    model = onnx_model(nodes, [("x", [1, 8, 6, 6])], [("r2", [1, 8, 6, 6])], {"w1": w1, "w2": w2})
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    tune = _tune()
+    tasks, dense = tune.tasks_from_model(tmp_path / "m.onnx")
+    assert dense == [] and [t["convs"] for t in tasks] == [["#0 w1", "#2 w1"], ["#1 w2"]]
+    assert tasks[0]["label"] == "#0 w1 (+1 alike)"
+    assert np.array_equal(tasks[1]["dense"], w2) and tasks[0]["epilogue"].relu
+    shape_tasks, _ = tune.tasks_from_model(tmp_path / "m.onnx", group_by="shape")
+    assert [t["convs"] for t in shape_tasks] == [["#0 w1", "#1 w2", "#2 w1"]]
+    few, dense = tune.tasks_from_model(tmp_path / "m.onnx", min_sparsity=0.9)
+    assert few == [] and len(dense) == 3 and "below min_sparsity" in dense[0]
+
+
 @pytest.mark.parametrize("args, msg", [
     (["prepare"], "MODEL.onnx or --layers"),
     (["prepare", "--layers", "vgg16.conv9"], "unknown layer"),
