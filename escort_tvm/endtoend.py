@@ -113,6 +113,8 @@ def compare(model_or_path, target=None, *, shapes=None, min_sparsity=0.7, tuning
                 res.errors["escort-tvm vs PyTorch"] = _rel(y, torch_impl.run(xs[0]))
             except TorchUnavailable as e:
                 res.notes.append(f"PyTorch: {e}")
+    if target.kind.name == "llvm":
+        res.notes.append("TVM dense on llvm is TVM's default build without tuning: its conv2d is a plain loop nest")
     if time_it:
         with steps(f"timing ({repeat} measurements of {number} runs each)"):
             res.times_ms["escort-tvm"] = [t * 1e3 for t in sparse.time(*xs, number=number, repeat=repeat)]

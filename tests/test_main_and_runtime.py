@@ -16,13 +16,27 @@ from _helpers import assert_close, ort_reference, randn
 def test_main_job_passes_on_llvm(repo_root):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(repo_root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "escort_tvm", "--target", "llvm", "--seed", "3"], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=repo_root)
+    # small flags keep it fast; the README runs it at 224x224
+    proc = subprocess.run([sys.executable, "-m", "escort_tvm", "--target", "llvm", "--seed", "3", "--image-size", "32",
+                           "--batch", "2", "--repeat", "2"], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=repo_root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
+    assert "resnet50 pruned to 0.9, batch 2, 32x32, target llvm" in out
     assert "check: PASS" in out
-    assert "6 conv2d: 5 sparse, 1 dense" in out
-    assert "relative error vs onnxruntime" in out
+    assert "53 conv2d:" in out and " 0 conv1.weight " in out and "layer4.2.conv3.weight" in out
+    assert "relative error escort-tvm vs onnxruntime (CPU)" in out and "relative error escort-tvm vs TVM dense" in out
+    assert "x vs TVM dense" in out and "latency, median of 2 measurements" in out
+    assert "[1/6] making resnet50 from the zoo" in proc.stderr and "[6/6] timing" in proc.stderr
+
+
+def test_main_job_bad_flag_is_one_line(repo_root):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(repo_root)
+    proc = subprocess.run([sys.executable, "-m", "escort_tvm", "--target", "llvm", "--model", "alexnet",
+                           "--image-size", "32"], env=env, capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "escort-tvm: error: image_size 32 is too small for alexnet" in proc.stderr
 
 
 def test_model_time_and_repeat_calls(rng):
