@@ -350,7 +350,6 @@ def cuda_prepared(tmp_path_factory):
 
 def test_cuda_prepare_manifest_and_libraries(cuda_prepared):
     from escort_tvm.cuda_toolchain import carries_gpu_binary
-    from escort_tvm.compute import padded_input  # noqa: F401  (the layout below must match the plan's)
 
     d, w, b = cuda_prepared
     tune = _tune()
