@@ -2,8 +2,10 @@
 from .base import KernelPlan, Knobs, SparseConvRule
 from .cpu import CPUKnobs, SparseConvCPU
 from .cuda import CUDAKnobs, SparseConvCUDA
+from .cuda_specialized import SpecializedCUDA, SpecializedKnobs
 
-RULES: tuple[SparseConvRule, ...] = (SparseConvCUDA(), SparseConvCPU())
+# Per target, the CSR rule comes first: it takes every conv; the specialised rule refuses some.
+RULES: tuple[SparseConvRule, ...] = (SparseConvCUDA(), SpecializedCUDA(), SparseConvCPU())
 
 
 def rule_for(target) -> SparseConvRule:
@@ -15,4 +17,4 @@ def rule_for(target) -> SparseConvRule:
 
 
 __all__ = ["KernelPlan", "Knobs", "SparseConvRule", "SparseConvCPU", "CPUKnobs",
-           "SparseConvCUDA", "CUDAKnobs", "RULES", "rule_for"]
+           "SparseConvCUDA", "CUDAKnobs", "SpecializedCUDA", "SpecializedKnobs", "RULES", "rule_for"]

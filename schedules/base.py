@@ -55,7 +55,9 @@ class Knobs:
 class KernelPlan:
     """A scheduled kernel and what it needs: the padded input pitch and its constant weight arrays.
 
-    The kernel's parameters are ``(x_pad[N, C*hp*wp], *weight_arrays, bias[K], y[N, K, OH, OW])``.
+    The kernel's parameters are ``(x, *weight_arrays, bias[K], [residual[N, K, OH, OW]], y[N, K, OH, OW])``:
+    ``x`` is ``x_pad[N, C*hp*wp]`` when ``padded_input`` else the NCHW input, and the residual is there
+    only when the epilogue adds one.
     """
 
     func: Any  # tvm.tirx.PrimFunc
@@ -83,6 +85,7 @@ class KernelPlan:
 
 class SparseConvRule:
     name: ClassVar[str]
+    kernel: ClassVar[str]  # the kind the report names: "sparse" (CSR arrays) or "specialized" (weights in code)
     Knobs: ClassVar[type[Knobs]]
 
     def is_target(self, target) -> bool:

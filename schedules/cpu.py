@@ -22,6 +22,7 @@ class SparseConvCPU(SparseConvRule):
     nonzero updates ``vector_width`` accumulators from one contiguous (stride 1) input run."""
 
     name = "cpu.row_vector"
+    kernel = "sparse"
     Knobs = CPUKnobs
 
     def is_target(self, target) -> bool:

@@ -54,6 +54,7 @@ def _pow2_at_least(n: int) -> int:
 
 class SparseConvCUDA(SparseConvRule):
     name = "cuda.register_tiled"
+    kernel = "sparse"
     Knobs = CUDAKnobs
 
     def is_target(self, target) -> bool:

@@ -1,0 +1,254 @@
+"""CUDA kernel specialised to one pruned weight tensor: nonzeros as immediates, no index arrays.
+
+Block = (tile of ``threads_y`` x ``threads_x`` output pixels, one group of output channels, one
+image); thread = one output pixel x ``channels_per_thread`` channels in registers. ``blockIdx.y``
+selects the group's code through a binary tree of block-uniform branches; each group's code is the
+straight-line list of ``schedules.unrolled``: per input tap one load, then one FMA per channel of the
+group that has a nonzero there. With ``stage_input`` the input tile and its halo are staged in shared
+memory, ``channel_chunk`` input channels at a time, zero-filled outside the image (this is where the
+padding happens: no pad op, no predicate in the inner code), and every tap is a shared load at an
+immediate offset from one per-thread base. Without staging, taps are global loads, predicated only
+where the conv pads. A 1x1 stride-1 unpadded conv is run as one long row of pixels (flat mode).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from escort_tvm.compute import Epilogue
+from escort_tvm.conv_spec import ConvSpec
+from escort_tvm.sparse_format import SparseConvWeight
+
+from .base import KernelPlan, Knobs, SparseConvRule
+from .unrolled import ChannelGroup, unrolled_program
+
+SHARED_LIMIT = 48 * 1024  # static shared memory per block without opt-in
+# Code size grows with the nonzeros (one FMA instruction each), and so does compile time: TVM's
+# lowering and nvcc's front end each take about 1-1.5 ms per nonzero on the 2-core build machine
+# (docs/notes/specialized-codegen.md). Above this a layer falls back to the CSR kernel.
+MAX_NONZEROS = 32768
+
+
+@dataclass(frozen=True)
+class SpecializedKnobs(Knobs):
+    channels_per_thread: int = 8  # accumulators per thread: input reuse across channels vs parallelism
+    threads_x: int = 32  # threads along the output row (all threads, in flat mode)
+    threads_y: int = 4  # threads along output rows (ignored in flat mode)
+    stage_input: bool = True  # input tile + halo through shared memory (else global loads)
+    channel_chunk: int = 8  # input channels staged per barrier pair
+    SPACE: ClassVar = {
+        "channels_per_thread": (1, 2, 4, 8, 16, 32),
+        "threads_x": (8, 16, 32, 64, 128),
+        "threads_y": (1, 2, 4, 8, 16),
+        "stage_input": (True, False),
+        "channel_chunk": (4, 8, 16, 32),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if not 32 <= self.threads_x * self.threads_y <= 1024:
+            raise ValueError(f"threads_x*threads_y={self.threads_x * self.threads_y} must be in [32, 1024]")
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Output pixels as the kernel tiles them (flat mode: one row of OH*OW pixels)."""
+
+    flat: bool
+    OH: int
+    OW: int
+    TX: int
+    TY: int
+
+    @classmethod
+    def of(cls, spec: ConvSpec, k: SpecializedKnobs) -> "_Geometry":
+        flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
+        if flat:
+            return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1)
+        return cls(False, spec.OH, spec.OW, k.threads_x, k.threads_y)
+
+    @property
+    def tiles_x(self) -> int:
+        return -(-self.OW // self.TX)
+
+    @property
+    def tiles(self) -> int:
+        return self.tiles_x * -(-self.OH // self.TY)
+
+    def halo(self, spec: ConvSpec) -> tuple[int, int]:
+        """Rows and columns of the input tile a block stages."""
+        (sh, sw), (dh, dw) = spec.stride, spec.dilation
+        return (self.TY - 1) * sh + (spec.KH - 1) * dh + 1, (self.TX - 1) * sw + (spec.KW - 1) * dw + 1
+
+
+def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
+    """Shared memory floats of one staged chunk (each thread owns whole slots, so it is rounded up)."""
+    geo = _Geometry.of(spec, k)
+    rows, cols = geo.halo(spec)
+    nt = k.threads_x * k.threads_y
+    return min(k.channel_chunk, spec.C) * -(-rows * cols // nt) * nt
+
+
+class SpecializedCUDA(SparseConvRule):
+    name = "cuda.specialized"
+    kernel = "specialized"
+    Knobs = SpecializedKnobs
+
+    def is_target(self, target) -> bool:
+        return target.kind.name == "cuda"
+
+    def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
+        flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
+        if flat:
+            tx, ty = 128, 1
+        else:
+            tx = 32 if spec.OW >= 24 else 16 if spec.OW >= 12 else 8
+            ty = max(1, min(128 // tx, 1 << max(0, (spec.OH - 1).bit_length())))
+            while tx * ty < 32:
+                ty *= 2
+        # Enough blocks to fill the GPU (132 SMs x 2), with as many channels per thread as that allows.
+        geo = _Geometry.of(spec, SpecializedKnobs(threads_x=tx, threads_y=ty))
+        kg = 1
+        for cand in (32, 16, 8, 4, 2):
+            if geo.tiles * spec.N * -(-spec.K // cand) >= 264:
+                kg = cand
+                break
+        reuse = spec.KH * spec.KW > 1 or spec.stride != (1, 1)
+        knobs = SpecializedKnobs(channels_per_thread=kg, threads_x=tx, threads_y=ty, stage_input=reuse,
+                                 channel_chunk=8)
+        while knobs.stage_input and staged_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
+            knobs = knobs.with_(channel_chunk=knobs.channel_chunk // 2)
+        return knobs
+
+    def apply(self, spec, weight, epilogue: Epilogue, knobs=None) -> KernelPlan:
+        if weight.nnz > MAX_NONZEROS:
+            raise ValueError(f"{weight.nnz} nonzeros exceed the specialised kernel's limit of {MAX_NONZEROS} "
+                             "(code size and compile time grow with every nonzero)")
+        knobs = knobs or self.default_knobs(spec, weight)
+        knobs.validate()
+        if knobs.stage_input and staged_floats(spec, knobs) * 4 > SHARED_LIMIT:
+            raise ValueError(f"{knobs} stages {staged_floats(spec, knobs) * 4} bytes of shared memory "
+                             f"(limit {SHARED_LIMIT}) for {spec.describe()}")
+        groups = unrolled_program(weight, knobs.channels_per_thread)
+        func = specialized_cuda_kernel(spec, groups, epilogue, knobs)
+        return KernelPlan(func, spec.H, spec.W, (), self.name, knobs, spec, padded_input=False)
+
+
+def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue: Epilogue, k: SpecializedKnobs):
+    """Emit the PrimFunc ``(x[N,C,H,W], bias[K], [residual[N,K,OH,OW]], y[N,K,OH,OW])``."""
+    import tvm
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
+
+    N, C, H, W = spec.input_shape
+    K, OH, OW = spec.K, spec.OH, spec.OW
+    HW = H * W
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl = spec.pad[0], spec.pad[1]
+    geo = _Geometry.of(spec, k)
+    HE, WE = (1, HW) if geo.flat else (H, W)  # the input as the kernel indexes it
+    TX, TY, NT = geo.TX, geo.TY, geo.TX * geo.TY
+    CC = min(k.channel_chunk, C)
+    SR, SC = geo.halo(spec)
+    NS = -(-SR * SC // NT)  # staging slots per thread
+    PP = NS * NT  # staged floats per channel
+    residual = getattr(epilogue, "residual", False)
+    f32 = lambda v: tvm.tirx.FloatImm("float32", v)  # noqa: E731
+    i32 = lambda v: tvm.tirx.IntImm("int32", v)  # noqa: E731
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name("escort_specialized_conv")
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            x = T.arg("x", T.buffer((N, C, H, W), "float32"))
+            bias = T.arg("bias", T.buffer((K,), "float32"))
+            res = T.arg("residual", T.buffer((N, K, OH, OW), "float32")) if residual else None
+            y = T.arg("y", T.buffer((N, K, OH, OW), "float32"))
+            xf = T.decl_buffer((N * C * H * W,), "float32", data=x.data)
+            yf = T.decl_buffer((N * K * OH * OW,), "float32", data=y.data)
+            rf = T.decl_buffer((N * K * OH * OW,), "float32", data=res.data) if residual else None
+            bz, by, bx = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y"), T.env_thread("blockIdx.x")
+            ty, tx = T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
+            with T.launch_thread(bz, N), T.launch_thread(by, len(groups)), T.launch_thread(bx, geo.tiles), \
+                    T.launch_thread(ty, TY), T.launch_thread(tx, TX):
+                n = bz
+                tile_r, tile_c = bx // geo.tiles_x, bx % geo.tiles_x
+                oh, ow = tile_r * TY + ty, tile_c * TX + tx  # in flat mode oh == 0 and ow is the pixel
+                in_out = tvm.tirx.all(oh < geo.OH, ow < geo.OW)
+                acc = T.alloc_buffer((max(g.size for g in groups),), "float32", scope="local")
+                val = T.alloc_buffer((1,), "float32", scope="local")
+                if k.stage_input:
+                    sm = T.alloc_buffer((CC * PP,), "float32", scope="shared")
+                    tid = ty * TX + tx
+                    row0, col0 = tile_r * (TY * sh) - pt, tile_c * (TX * sw) - pl
+                    slots = []
+                    for i in range(NS):
+                        p = tid + i * NT
+                        gh, gw = row0 + p // SC, col0 + p % SC
+                        ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE)
+                        slots.append((p, gh * WE + gw, ok))
+                    sbase = (ty * sh) * SC + tx * sw
+                else:
+                    ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
+
+                def load_direct(c, kh, kw):
+                    if geo.flat:
+                        return xf[(n * C + c) * HW + owc]
+                    ih, iw = ohc * sh + (kh * dh - pt), owc * sw + (kw * dw - pl)
+                    v = xf[((n * C + c) * H + ih) * W + iw]
+                    conds = []
+                    if pt > 0 or pl > 0 or spec.pad[2] > 0 or spec.pad[3] > 0:
+                        conds = [ih >= 0, ih < H, iw >= 0, iw < W]
+                    return tvm.tirx.if_then_else(tvm.tirx.all(*conds), v, f32(0.0)) if conds else v
+
+                def emit_group(g: ChannelGroup):
+                    for j in range(g.size):
+                        T.buffer_store(acc, f32(0.0), [i32(j)])
+                    if k.stage_input:
+                        for ci, (chunk, taps) in enumerate(g.chunks(CC)):
+                            c0 = chunk * CC
+                            if ci:
+                                T.evaluate(T.tvm_storage_sync("shared"))
+                            for cc in range(min(CC, C - c0)):
+                                for p, off, ok in slots:
+                                    src = xf[(n * C + c0 + cc) * HW + off]
+                                    T.buffer_store(sm, tvm.tirx.if_then_else(ok, src, f32(0.0)), [cc * PP + p])
+                            T.evaluate(T.tvm_storage_sync("shared"))
+                            for t in taps:
+                                T.buffer_store(val, sm[sbase + ((t.c - c0) * PP + (t.kh * dh) * SC + t.kw * dw)],
+                                               [i32(0)])
+                                for j, w in t.fmas:
+                                    T.buffer_store(acc, acc[j] + val[0] * f32(w), [i32(j)])
+                    else:
+                        for t in g.taps:
+                            T.buffer_store(val, load_direct(t.c, t.kh, t.kw), [i32(0)])
+                            for j, w in t.fmas:
+                                T.buffer_store(acc, acc[j] + val[0] * f32(w), [i32(j)])
+                    with T.If(in_out):
+                        with T.Then():
+                            for j in range(g.size):
+                                kk = g.first + j
+                                if geo.flat:
+                                    o = (n * K + kk) * (OH * OW) + ow
+                                else:
+                                    o = ((n * K + kk) * OH + oh) * OW + ow
+                                v = acc[j] + bias[kk]
+                                if residual:
+                                    v = v + rf[o]
+                                if epilogue.relu:
+                                    v = T.max(v, f32(0.0))
+                                T.buffer_store(yf, v, [o])
+
+                def emit_tree(lo: int, hi: int):
+                    if hi - lo == 1:
+                        emit_group(groups[lo])
+                        return
+                    mid = (lo + hi) // 2
+                    with T.If(by < mid):
+                        with T.Then():
+                            emit_tree(lo, mid)
+                        with T.Else():
+                            emit_tree(mid, hi)
+
+                emit_tree(0, len(groups))
+    return ib.get()
