@@ -250,30 +250,55 @@ def _jsonable(v):
 
 
 # ====================================================================== measure (GPU machine: torch + TVM runtime)
+def plan_counts(first_ms: float, warmup: int, number: int, repeat: int, budget_s: float) -> tuple[int, int, int]:
+    """Warm-up calls, calls per measurement and measurements, shrunk so that one implementation's timing
+    takes about ``budget_s`` at most (a slow dense build must not eat the GPU session); at least 1, 1,
+    min(3, repeat)."""
+    per = max(first_ms, 1e-3) / 1e3
+    warmup = max(1, min(warmup, int(0.2 * budget_s / per)))
+    number = max(1, min(number, int(0.8 * budget_s / per / max(repeat, 1))))
+    repeat = min(repeat, max(3, int(0.8 * budget_s / per / number)))
+    return warmup, number, repeat
+
+
 class _Timer:
-    """Medians of ``repeat`` measurements of ``number`` calls, after ``warmup`` calls."""
+    """Medians of ``repeat`` measurements of ``number`` calls, after warm-up calls (counts from plan_counts)."""
 
-    def __init__(self, device_kind: str, torch=None):
-        self.kind, self.torch = device_kind, torch
+    def __init__(self, device_kind: str, torch=None, budget_s: float = 6.0):
+        self.kind, self.torch, self.budget_s = device_kind, torch, budget_s
+        self.used: dict = {}
 
-    def tvm(self, model, args, warmup: int, number: int, repeat: int) -> list[float]:
+    def tvm(self, label, model, args, warmup: int, number: int, repeat: int) -> list[float]:
         vm, dev = model._vm, model.device
+        t0 = time.perf_counter()
+        vm["main"](*args)
+        dev.sync()
+        warmup, number, repeat = plan_counts((time.perf_counter() - t0) * 1e3, warmup, number, repeat, self.budget_s)
+        self.used[label] = {"warmup": warmup, "number": number, "repeat": repeat}
         for _ in range(warmup):
             vm["main"](*args)
         dev.sync()
         res = vm.time_evaluator("main", dev, number=number, repeat=repeat)(*args)
         return [t * 1e3 for t in res.results]
 
-    def torch_fn(self, fn, warmup: int, number: int, repeat: int) -> list[float]:
+    def torch_fn(self, label, fn, warmup: int, number: int, repeat: int) -> list[float]:
         torch = self.torch
+        cuda = self.kind == "cuda"
         with torch.inference_mode():
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            warmup, number, repeat = plan_counts((time.perf_counter() - t0) * 1e3, warmup, number, repeat,
+                                                 self.budget_s)
+            self.used[label] = {"warmup": warmup, "number": number, "repeat": repeat}
             for _ in range(warmup):
                 fn()
-            if self.kind == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             out = []
             for _ in range(repeat):
-                if self.kind == "cuda":
+                if cuda:
                     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     a.record()
                     for _ in range(number):
@@ -314,7 +339,8 @@ def _env(torch, device_kind: str) -> dict:
     return info
 
 
-def measure_dir(d: Path, warmup: int, number: int, repeat: int, use_torch: bool) -> tuple[list[dict], dict]:
+def measure_dir(d: Path, warmup: int, number: int, repeat: int, use_torch: bool,
+                budget_s: float = 6.0) -> tuple[list[dict], dict]:
     import escort_tvm
     from escort_tvm import zoo
 
@@ -338,7 +364,7 @@ def measure_dir(d: Path, warmup: int, number: int, repeat: int, use_torch: bool)
     if bad or set(weights) != set(man["weights"]["sha256"]):
         raise RuntimeError(f"regenerated weights differ from the prepared ones ({len(bad)} tensors, e.g. {bad[:3]}): "
                            "numpy's generator gave other numbers here; carry the weights instead")
-    timer = _Timer(device_kind, torch)
+    timer = _Timer(device_kind, torch, budget_s)
     net_cpu = None
     if torch is not None:
         from escort_tvm.torch_ref import torchvision_model
@@ -385,16 +411,17 @@ def measure_dir(d: Path, warmup: int, number: int, repeat: int, use_torch: bool)
             if not row["errors"][label] < TOL:
                 row["skipped"][label] = f"output mismatch ({row['errors'][label]:.2e})"
                 continue
-            row["times_ms"][label] = timer.tvm(model, args, warmup, number, repeat)
+            row["times_ms"][label] = timer.tvm(label, model, args, warmup, number, repeat)
         if torch is not None:
             if row["errors"]["PyTorch"] < TOL:
                 with torch.inference_mode():
-                    row["times_ms"]["PyTorch"] = timer.torch_fn(lambda: net(xt), warmup, number, repeat)
+                    row["times_ms"]["PyTorch"] = timer.torch_fn("PyTorch", lambda: net(xt), warmup, number, repeat)
             else:
                 row["skipped"]["PyTorch"] = f"output mismatch ({row['errors']['PyTorch']:.2e})"
         else:
             row["skipped"]["PyTorch"] = "torch/torchvision not importable"
         row["median_ms"] = {k: float(np.median(v)) for k, v in row["times_ms"].items()}
+        row["counts"], timer.used = timer.used, {}
         log(f"{man['model']} batch {batch}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row["median_ms"].items()))
         rows.append(row)
         loaded.clear()
@@ -408,12 +435,13 @@ def escort_tvm_tensor(a, dev):
 
 
 def render_markdown(results: dict) -> str:
+    torch_col = "PyTorch fp32 (cuDNN)" if results.get("env", {}).get("device") == "cuda" else "PyTorch fp32 (CPU)"
     lines = [f"# End-to-end latency, {results.get('env', {}).get('gpu', results.get('env', {}).get('device', '?'))}",
              "", f"Command: `{results.get('command', '?')}`", "",
              f"Environment: `{json.dumps(results.get('env', {}))}`", "",
              "Median ms per inference (fp32). Speedup = their time / ours. Outputs checked against the "
              "reference before timing (relative L2 error < 1e-4); a failing implementation is not timed.", "",
-             "| model | batch | convs sparse | escort-tvm | TVM dense | PyTorch cuDNN fp32 | x TVM dense | x PyTorch "
+             f"| model | batch | convs sparse | escort-tvm | TVM dense | {torch_col} | x TVM dense | x PyTorch "
              "| max rel. error | reference |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -442,13 +470,15 @@ def cmd_measure(a) -> int:
         if not subdirs:
             raise SystemExit(f"no manifest.json in {d} or its subfolders: run prepare first")
         for sd in subdirs:
-            r, env = measure_dir(sd, a.warmup, a.number, a.repeat, not a.no_torch)
+            r, env = measure_dir(sd, a.warmup, a.number, a.repeat, not a.no_torch, a.budget_s)
             rows += r
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": " ".join(["python3", "scripts/bench_e2e.py"] + sys.argv[1:]), "env": env, "rows": rows,
                "date": _dt.datetime.now().isoformat(timespec="seconds"),
-               "protocol": {"warmup": a.warmup, "number": a.number, "repeat": a.repeat, "tolerance": TOL}}
+               "protocol": {"warmup": a.warmup, "number": a.number, "repeat": a.repeat, "budget_s": a.budget_s,
+                            "tolerance": TOL, "timing": "TVM: VM time_evaluator; PyTorch: CUDA events (perf_counter "
+                                                        "on CPU); median of the measurements"}}
     (out / "e2e.json").write_text(json.dumps(results, indent=1))
     (out / "e2e.md").write_text(render_markdown(results))
     print(render_markdown(results))
@@ -499,6 +529,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--number", type=int, default=10)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=6.0,
+                   help="about how long one implementation's timing may take; counts shrink to fit (default 6)")
     p.add_argument("--no-torch", action="store_true")
     p.set_defaults(func=cmd_measure)
     p = sub.add_parser("report", help="merge e2e.json files of several measure runs into one table")
