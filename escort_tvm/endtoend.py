@@ -48,7 +48,7 @@ class Result:
         for n in self.notes:
             lines.append(f"  note: {n}")
         if self.times_ms:
-            n_sparse = sum(r.kernel == "sparse" for r in self.report)
+            n_sparse = sum(r.kernel != "dense" for r in self.report)  # CSR or specialized
             base = self.median("TVM dense") if "TVM dense" in self.times_ms else None
             lines.append(f"latency, median of {len(next(iter(self.times_ms.values())))} measurements:")
             for k in self.times_ms:
