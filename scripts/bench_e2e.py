@@ -140,7 +140,9 @@ def ort_reference(model, x: np.ndarray) -> np.ndarray:
 
 
 def prepare(out: Path, models, batches, image_size: int, sparsity: float, seed: int, target, builds=("ours", "dense"),
-            min_sparsity: float = 0.7) -> list[Path]:
+            min_sparsity: float = 0.7, build_options: dict | None = None) -> list[Path]:
+    """Build and export every (model, batch); ``build_options``: extra keyword arguments of escort_tvm.build
+    for our build (e.g. {"kernel": "sparse"} where build takes it)."""
     import warnings
 
     from escort_tvm import zoo
@@ -161,11 +163,12 @@ def prepare(out: Path, models, batches, image_size: int, sparsity: float, seed: 
                 old.unlink()
             manifest = {"model": name, "image_size": image_size, "sparsity": sparsity, "seed": seed,
                         "num_classes": 1000, "target": tdict, "min_sparsity": min_sparsity, "tolerance": TOL,
+                        "build_options": build_options or {},
                         "git": git_info(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
                         "weights": {"generator": "escort_tvm.zoo.weights",
                                     "args": {"name": name, "sparsity": sparsity, "seed": seed}, "sha256": digests},
                         "cases": [prepare_case(d, name, batch, image_size, sparsity, seed, target, weights, builds,
-                                               min_sparsity)]}
+                                               min_sparsity, build_options or {})]}
             (d / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_jsonable))
             log(f"{name} batch {batch}: {d} holds {folder_mb(d):.1f} MB, prepared in {time.perf_counter() - t0:.0f} s")
             dirs.append(d)
@@ -173,7 +176,8 @@ def prepare(out: Path, models, batches, image_size: int, sparsity: float, seed: 
     return dirs
 
 
-def prepare_case(d: Path, name, batch, image_size, sparsity, seed, target, weights, builds, min_sparsity) -> dict:
+def prepare_case(d: Path, name, batch, image_size, sparsity, seed, target, weights, builds, min_sparsity,
+                 build_options: dict) -> dict:
     import escort_tvm
     from escort_tvm import zoo
 
@@ -191,7 +195,10 @@ def prepare_case(d: Path, name, batch, image_size, sparsity, seed, target, weigh
         label = "escort-tvm" if which == "ours" else "TVM dense"
         log(f"{name} batch {batch}: building {label} for {target.kind.name}")
         tb = time.perf_counter()
-        built = escort_tvm.build(mod, params, target, min_sparsity=min_sparsity if which == "ours" else 2.0)
+        if which == "ours":
+            built = escort_tvm.build(mod, params, target, min_sparsity=min_sparsity, **build_options)
+        else:
+            built = escort_tvm.build(mod, params, target, min_sparsity=2.0)
         build_s = time.perf_counter() - tb
         names = [n for n, _, _ in built.inputs]
         if len(names) != 1 + len(rt_inputs):
@@ -508,7 +515,8 @@ def cmd_prepare(a) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
-    prepare(Path(a.out), models, [int(b) for b in a.batches.split(",")], a.image_size, a.sparsity, a.seed, target)
+    prepare(Path(a.out), models, [int(b) for b in a.batches.split(",")], a.image_size, a.sparsity, a.seed, target,
+            build_options=json.loads(a.build_options) if a.build_options else None)
     return 0
 
 
@@ -523,6 +531,8 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", default='{"kind": "cuda", "arch": "sm_90"}')
+    p.add_argument("--build-options", metavar="JSON",
+                   help='extra escort_tvm.build arguments for our build, e.g. \'{"kernel": "sparse"}\'')
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("measure", help="check and time on the GPU machine (TVM runtime only)")
     p.add_argument("--dir", action="append", required=True, help="a prepared model folder, or their parent")
