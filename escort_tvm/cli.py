@@ -219,7 +219,6 @@ def cmd_run(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    import escort_tvm
     from escort_tvm.report import format_report
 
     from tvm import relax
@@ -290,9 +289,9 @@ def cmd_zoo(a) -> int:
 def cmd_bench(a) -> int:
     from .endtoend import compare
 
-    res = compare(a.model, target=parse_target(a.target), shapes=parse_shapes(a.input_shape), min_sparsity=a.min_sparsity,
-                  tuning_log=a.tuning_log, number=a.number, repeat=a.repeat, seed=a.seed, torch=not a.no_torch,
-                  steps=Steps(5, a.quiet))
+    res = compare(a.model, target=parse_target(a.target), shapes=parse_shapes(a.input_shape),
+                  min_sparsity=a.min_sparsity, tuning_log=a.tuning_log, number=a.number, repeat=a.repeat,
+                  seed=a.seed, torch=not a.no_torch, steps=Steps(5, a.quiet))
     print(res.text(report=not a.no_report))
     if a.json:
         Path(a.json).write_text(json.dumps(res.as_dict(), indent=1))

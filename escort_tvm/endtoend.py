@@ -81,6 +81,12 @@ def compare(model_or_path, target=None, *, shapes=None, min_sparsity=0.7, tuning
 
     steps = steps or Steps(5, quiet=True)
     target = resolve_target(target)
+    if target.kind.name == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise RuntimeError("benchmarking a CUDA build needs a CUDA GPU here (none is visible): use --target llvm, "
+                               "or compile here and run the .so on the GPU machine")
     with steps(f"importing {name or model_or_path}"):
         model = _load_onnx(model_or_path)
         mod, params = escort_tvm.from_onnx(model, shapes)

@@ -48,7 +48,8 @@ def torchvision_model(name: str, weights: dict, num_classes: int = 1000, device:
     missing = sorted(k for k in set(sd) - set(weights) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(weights) - set(sd))
     if missing or unexpected:
-        raise ValueError(f"weights do not match torchvision's {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"weights do not match torchvision's {name}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     for k, v in weights.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise ValueError(f"{k}: shape {tuple(v.shape)}, torchvision's {name} has {tuple(sd[k].shape)}")

@@ -16,9 +16,11 @@ Every parameter initializer carries its torchvision ``state_dict`` key (``featur
 Dropout is an identity at inference and is left out.
 
 Weights: He-normal convs and linears, small random biases, BatchNorm statistics random but sane
-(running_var > 0). With ``sparsity`` the convs are pruned by ``escort_tvm.prune`` (first conv dense),
-then each pruned conv is rescaled so its weights keep the dense tensor's energy (what fine-tuning
-restores; without it activations shrink ~0.44x per 90%-pruned layer and a deep net outputs its biases).
+(running_var > 0; the last BatchNorm of each ResNet residual branch has gamma 0.1-0.4, so that sixteen
+residual additions keep the activations in range). With ``sparsity`` the convs are pruned by
+``escort_tvm.prune`` (first conv dense), then each pruned conv is rescaled so its weights keep the
+dense tensor's energy (what fine-tuning restores; without it activations shrink ~0.44x per 90%-pruned
+layer and a deep net outputs its biases).
 
 Smaller inputs than 224 work (CI uses 32-64). torchvision's AdaptiveAvgPool2d((6, 6)) / ((7, 7)) before
 AlexNet's / VGG's classifier is the identity at 224 and is then left out; at other sizes it is written as

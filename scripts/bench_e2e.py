@@ -36,7 +36,6 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time

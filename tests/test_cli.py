@@ -150,7 +150,8 @@ def test_dynamic_batch_needs_input_shape(tmp_path, rng, capsys):
 
 
 @pytest.mark.parametrize("argv,rc,message", [
-    (["compile", "{d}/missing.onnx", "-o", "{d}/m.so", "--target", "llvm"], 1, "ONNX model {d}/missing.onnx does not exist"),
+    (["compile", "{d}/missing.onnx", "-o", "{d}/m.so", "--target", "llvm"], 1,
+     "ONNX model {d}/missing.onnx does not exist"),
     (["compile", "{d}/junk.onnx", "-o", "{d}/m.so", "--target", "llvm"], 1, "does not parse as an ONNX model"),
     (["compile", "{d}/cnn.onnx", "-o", "{d}/m.so", "--target", "tpu"], 1, "unknown target 'tpu'"),
     (["compile", "{d}/cnn.onnx", "-o", "{d}/m.so", "--target", "{{kind: cuda"], 1, "is not valid JSON"),
@@ -202,3 +203,10 @@ def test_wrong_input_shape_is_reported(cnn_file, tmp_path, capsys):
         capsys.readouterr().err
     assert main(["run", str(so), "--input", f"image={tmp_path / 'bad.npy'}"]) == 1
     assert "has no input 'image'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bool(__import__("tvm").cuda(0).exist), reason="checks the message given without a GPU")
+def test_bench_cuda_without_gpu_fails_early(cnn_file, capsys):
+    _, path = cnn_file
+    assert main(["bench", str(path), "--target", "cuda", "-q"]) == 1
+    assert "benchmarking a CUDA build needs a CUDA GPU here" in capsys.readouterr().err

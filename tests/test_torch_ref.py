@@ -5,7 +5,6 @@ onnxruntime on the zoo's ONNX: the architectures and the names must both match f
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from escort_tvm import zoo
