@@ -76,7 +76,7 @@ FP32_PEAK = 67e12  # H200 SXM non-tensor fp32, datasheet (as in measure_anchors.
 BW = 4.3e12  # measured device-to-device copy on the workplace's H200 (as in measure_anchors.py)
 TARGET = {"kind": "cuda", "arch": "sm_90"}
 DEFAULT_BENCH_DIR = ROOT / ".gpu" / "bench"
-SIZE_WARN_MB = 35.0  # .devbundle (~23 MiB) + .gpu must fit in one 64 MiB carry
+SIZE_WARN_MB = 38.0  # .devbundle (~24 MB) + the working tree (~2 MB) + one bench dir must fit one 64 MiB carry
 TOL_FP32 = 1e-4
 TOL_REDUCED = 1e-2  # TF32 and fp16 baselines: 10-bit mantissas give ~1e-3 relative error here
 BASELINES = ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "im2col_cublas", "im2col_cusparse", "tvm_dense")
@@ -85,6 +85,10 @@ BASELINE_TITLES = {"cudnn_fp32": "cuDNN fp32", "cudnn_tf32": "cuDNN TF32", "cudn
                    "tvm_dense": "TVM dense"}
 SPEEDUP_VS = ("cudnn_fp32", "cudnn_tf32", "im2col_cublas", "im2col_cusparse")
 MEASURE_CMD = "source .devbundle/activate && python3 scripts/bench.py measure --out $OUT"
+# kernel kind -> record parts: variant prefix, final timing, back-to-back timing ("csr": the register-tiled CSR
+# kernel, schedules.SparseConvCUDA; "spec": the kernel specialised to the weights, schedules.SpecializedCUDA)
+FAMILY_PARTS = {"csr": ("v", "final", "stream"), "spec": ("s", "sfinal", "sstream")}
+FAMILY_TITLES = {"csr": "CSR", "spec": "specialized"}
 
 
 # ====================================================================== shared helpers (no TVM, no torch)
@@ -289,10 +293,8 @@ def _compile(funcs: dict, target):
         return tvm.compile(tvm.IRModule(funcs), target=target)
 
 
-def nvcc_resources(source: str, workdir: Path) -> tuple[dict, str]:
-    """Compile the kernels' CUDA source to a cubin with TVM's nvcc flags plus -Xptxas -v; parse ptxas' report."""
-    cu, cubin = workdir / "kernels.cu", workdir / "kernels.cubin"
-    cu.write_text(source)
+def nvcc_flags(fmt: str, arch: str) -> list[str]:
+    """TVM's own nvcc command line (tvm.support.nvcc._compile_cuda_nvcc, nvcc mode) for ``fmt`` up to ``-o``."""
     try:
         from tvm.support.nvcc import _ptxas_option_flags  # what TVM passes itself (private: fall back)
 
@@ -302,14 +304,15 @@ def nvcc_resources(source: str, workdir: Path) -> tuple[dict, str]:
     if "-v" not in ptxas:
         ptxas = ["-v", *ptxas]
     fast_math = [] if os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH") else ["--use_fast_math"]
-    cmd = ["nvcc", "--cubin", "-O3", "-arch", TARGET["arch"], "-U__CUDA_NO_HALF_OPERATORS__",
-           "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "--expt-relaxed-constexpr",
-           "--expt-extended-lambda", *fast_math, f"--ptxas-options={','.join(ptxas)}", "-o", str(cubin), str(cu)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    text = p.stdout + p.stderr
-    if p.returncode != 0:
-        raise RuntimeError(f"nvcc failed on the kernels' source:\n{text[-3000:]}")
+    sm = arch[3:] if arch.startswith("sm_") else arch
+    return ["nvcc", f"--{fmt}", "-O3", "-gencode", f"arch=compute_{sm},code=sm_{sm}", "-U__CUDA_NO_HALF_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "--expt-relaxed-constexpr",
+            "--expt-extended-lambda", *fast_math, f"--ptxas-options={','.join(ptxas)}"]
+
+
+def parse_ptxas(text: str) -> dict:
+    """ptxas -v's report per entry function: registers, spills, stack, smem, barriers, cmem[0]."""
     res, cur = {}, None
     for line in text.splitlines():
         m = re.search(r"(?:Compiling entry function|Function properties for) '?([A-Za-z_]\w*)'?", line)
@@ -328,12 +331,315 @@ def nvcc_resources(source: str, workdir: Path) -> tuple[dict, str]:
             m = re.search(pat, line)
             if m:
                 r[key] = int(m.group(1))
-    return res, " ".join(cmd[:-4] + ["-o", "kernels.cubin", "kernels.cu"])
+    return res
+
+
+def nvcc_resources(source: str, workdir: Path) -> tuple[dict, str]:
+    """Compile the kernels' CUDA source to a cubin with TVM's nvcc flags plus -Xptxas -v; parse ptxas' report."""
+    cu, cubin = workdir / "kernels.cu", workdir / "kernels.cubin"
+    cu.write_text(source)
+    cmd = nvcc_flags("cubin", TARGET["arch"]) + ["-o", str(cubin), str(cu)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    text = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise RuntimeError(f"nvcc failed on the kernels' source:\n{text[-3000:]}")
+    return parse_ptxas(text), " ".join(cmd[:-3] + ["-o", "kernels.cubin", "kernels.cu"])
+
+
+def elf_section_sizes(data: bytes) -> dict[str, int]:
+    """Section name -> size of a 64-bit little-endian ELF (a cubin): ``.text.<kernel>`` is the kernel's SASS."""
+    import struct
+
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = secs[shstrndx][4]
+
+    def name(off):
+        start = strtab + off
+        return data[start:data.index(b"\0", start)].decode(errors="replace")
+
+    return {name(s[0]): int(s[5]) for s in secs}
+
+
+class NvccCapture:
+    """Within ``with``, TVM's CUDA compile callback runs TVM's own nvcc command (same flags, fatbin) with
+    ``--keep``, and records per compile what TVM discards: the ptxas report, the PTX, the cubin's size and
+    section sizes, and nvcc's wall and CPU seconds (``self.compiles``)."""
+
+    NAME = "tvm_callback_cuda_compile"
+
+    def __init__(self, arch: str | None = None):
+        self.arch = arch
+        self.compiles: list[dict] = []
+
+    def __enter__(self):
+        import tvm_ffi
+
+        self._orig = tvm_ffi.get_global_func(self.NAME)
+        tvm_ffi.register_global_func(self.NAME, self._compile, override=True)
+        return self
+
+    def __exit__(self, *exc):
+        import tvm_ffi
+
+        tvm_ffi.register_global_func(self.NAME, self._orig, override=True)
+        return False
+
+    def _compile(self, code):
+        import resource
+
+        arch = self.arch
+        if arch is None:
+            import tvm
+
+            arch = str(tvm.target.Target.current().attrs["arch"])
+        with tempfile.TemporaryDirectory(prefix="escort-nvcc-") as td:
+            cu, fatbin = Path(td) / "k.cu", Path(td) / "k.fatbin"
+            cu.write_text(code)
+            cmd = nvcc_flags("fatbin", arch) + ["--keep", f"--keep-dir={td}", "-o", str(fatbin), str(cu)]
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if p.returncode != 0:
+                raise RuntimeError(f"nvcc failed:\n{(p.stdout + p.stderr)[-3000:]}")
+            data = fatbin.read_bytes()
+            cubin = next(Path(td).glob("*.cubin"), None)
+            cub = cubin.read_bytes() if cubin else b""
+            ptx = next(Path(td).glob("*.ptx"), None)
+            self.compiles.append({
+                "nvcc_s": wall, "nvcc_cpu_s": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
+                "report": p.stdout + p.stderr, "resources": parse_ptxas(p.stdout + p.stderr),
+                "fatbin_bytes": len(data), "cubin_bytes": len(cub),
+                "sections": elf_section_sizes(cub) if cub else {}, "ptx": ptx.read_text() if ptx else "",
+                "source_bytes": len(code.encode()), "command": " ".join(cmd[:-5])})
+        return bytearray(data)
+
+
+# ---------------------------------------------------------------------- specialised kernels, one module each
+SPEC_VARIANTS = "default,cpt_x2,cpt_half,stage_flip"
+# name -> (knob, change from the default); every variant differs from the default in one knob
+SPEC_CHANGES = {
+    "cpt_x2": ("channels_per_thread", lambda v: v * 2), "cpt_half": ("channels_per_thread", lambda v: v // 2),
+    "stage_flip": ("stage_input", lambda v: not v),
+    "tx_x2": ("threads_x", lambda v: v * 2), "tx_half": ("threads_x", lambda v: v // 2),
+    "ty_x2": ("threads_y", lambda v: v * 2), "ty_half": ("threads_y", lambda v: v // 2),
+    "chunk_x2": ("channel_chunk", lambda v: v * 2), "chunk_half": ("channel_chunk", lambda v: v // 2),
+}
+# What a specialised kernel's code depends on besides its inputs (the compile cache key hashes these files).
+SPEC_SOURCES = ("schedules/cuda_specialized.py", "schedules/unrolled.py", "schedules/base.py",
+                "escort_tvm/compute.py", "escort_tvm/sparse_format.py", "escort_tvm/conv_spec.py")
+DEFAULT_SPEC_CACHE = ROOT / ".gpu" / "spec-cache"
+GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*\("
+
+
+def specialized_variants(default, names: str) -> list[dict]:
+    """``[{name, knobs, reason}]``: the default knobs, then each named one-knob change of them; a change that
+    leaves the knob space or repeats an earlier setting gets ``knobs=None`` and the reason."""
+    out, seen = [], {}
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        knobs, reason = default, None
+        if name != "default":
+            if name not in SPEC_CHANGES:
+                raise ValueError(f"unknown specialised variant {name!r}; known: default, {', '.join(SPEC_CHANGES)}")
+            field, change = SPEC_CHANGES[name]
+            value = change(getattr(default, field))
+            knobs = default.with_(**{field: value})
+            if value not in type(default).SPACE[field]:
+                knobs, reason = None, f"{field}={value} is outside {type(default).__name__}.SPACE"
+        if knobs is not None and knobs in seen:
+            knobs, reason = None, f"same knobs as {seen[knobs]}"
+        if knobs is not None:
+            seen[knobs] = name
+        out.append({"name": name, "knobs": knobs, "reason": reason})
+    if not out or out[0]["name"] != "default":
+        raise ValueError("the specialised variants must start with 'default'")
+    return out
+
+
+_NVCC_VERSION = None
+
+
+def _nvcc_version() -> str:
+    global _NVCC_VERSION
+    if _NVCC_VERSION is None:
+        p = subprocess.run(["nvcc", "--version"], capture_output=True, text=True)
+        _NVCC_VERSION = p.stdout.strip().splitlines()[-1] if p.returncode == 0 and p.stdout.strip() else "?"
+    return _NVCC_VERSION
+
+
+def spec_cache_key(spec_d: dict, knobs_d: dict, epilogue_d: dict, dense, target: dict) -> str:
+    """Content hash of one specialised kernel build: inputs, the code that renders it, TVM, nvcc and its flags."""
+    import tvm
+
+    h = hashlib.sha1()
+    h.update(json.dumps({"spec": spec_d, "knobs": knobs_d, "epilogue": epilogue_d, "target": target,
+                         "tvm": getattr(tvm, "__version__", "?"), "nvcc": _nvcc_version(),
+                         "flags": nvcc_flags("fatbin", target["arch"])}, sort_keys=True, default=str).encode())
+    h.update(str(dense.dtype).encode() + str(dense.shape).encode() + dense.tobytes())
+    for f in SPEC_SOURCES:
+        h.update((ROOT / f).read_bytes())
+    return h.hexdigest()[:20]
+
+
+def _entry_params(source: str, kernel: str) -> list[str]:
+    m = re.search(r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?" + re.escape(kernel) + r"\s*\(([^)]*)\)\s*\{",
+                  source)
+    return [p.strip() for p in m.group(1).split(",")] if m else []
+
+
+def ptx_global_loads(ptx: str) -> dict[str, int]:
+    """Count of ``ld.global*`` instructions in PTX by their full opcode (``ld.global.nc.f32``, ...)."""
+    out: dict[str, int] = {}
+    for m in re.finditer(r"\b(ld\.global[\w.]*)\s", ptx):
+        out[m.group(1)] = out.get(m.group(1), 0) + 1
+    return out
+
+
+def build_specialized(job: dict) -> dict:
+    """Schedule, compile (a module of its own), export and xz one specialised kernel; return what it cost.
+
+    Times: ``schedule_s`` (rule.apply: the unrolled program and its TIR), ``lower_s`` (TVM's lowering and
+    CUDA codegen: tvm.compile minus nvcc), ``nvcc_s`` (nvcc, the same command TVM runs) and their sum
+    ``compile_s``, wall seconds of this process; ``cpu_s`` the CPU seconds of this process and nvcc. Sizes:
+    ``text_bytes`` (the kernel's SASS, ``.text.<kernel>`` of the cubin), ``cubin_bytes``, ``fatbin_bytes`` (what
+    the .so embeds), ``so_bytes``, ``xz_bytes`` (the file carried to the GPU), ``source_bytes`` (CUDA C)."""
+    import lzma
+
+    import numpy as np
+    import tvm
+
+    from escort_tvm.compute import Epilogue
+    from escort_tvm.conv_spec import ConvSpec
+    from escort_tvm.cuda_toolchain import carries_gpu_binary, prepare_cuda_build
+    from escort_tvm.sparse_format import SparseConvWeight
+    from schedules import SpecializedCUDA
+    from schedules.unrolled import program_stats, unrolled_program
+
+    prepare_cuda_build()
+    rule = SpecializedCUDA()
+    spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["spec"].items()})
+    dense = np.load(job["weights"])[job.get("weight_key", "dense")]
+    weight = SparseConvWeight.from_dense(dense, spec.groups)
+    sym = job["symbol"]
+    out = {"symbol": sym, "nnz": int(weight.nnz), "knobs": job["knobs"]}
+    c0, t0 = time.process_time(), time.perf_counter()
+    try:
+        knobs = rule.Knobs.from_dict(job["knobs"])
+        plan = rule.apply(spec, weight, Epilogue(**job["epilogue"]), knobs)
+    except ValueError as e:
+        return {**out, "status": "refused", "reason": str(e)}
+    t_apply = time.perf_counter() - t0
+    if plan.weight_arrays != () or plan.padded_input is not False:
+        raise RuntimeError(f"{rule.name} plan has weight arrays {len(plan.weight_arrays)} / padded_input "
+                           f"{plan.padded_input}; bench.py passes (x[N,C,H,W], bias, [residual], y)")
+    sig = _signature(plan.func)
+    stats = program_stats(unrolled_program(weight, knobs.channels_per_thread))
+    target = tvm.target.Target(job["target"])
+    with NvccCapture(job["target"]["arch"]) as cap:
+        t1 = time.perf_counter()
+        ex = _compile({sym: plan.func.with_attr("global_symbol", sym)}, target)
+        t_compile = time.perf_counter() - t1
+    cpu = time.process_time() - c0 + sum(c["nvcc_cpu_s"] for c in cap.compiles)
+    source = cuda_source(ex)
+    kernel = f"{sym}_kernel"
+    if kernel not in re.findall(GLOBAL_FN, source):
+        raise RuntimeError(f"{sym} was not compiled as a GPU kernel")
+    if len(cap.compiles) != 1:
+        raise RuntimeError(f"expected one nvcc run, saw {len(cap.compiles)}")
+    cc = cap.compiles[0]
+    dest = Path(job["out"])
+    with tempfile.TemporaryDirectory(prefix="escort-spec-") as td:
+        so = Path(td) / "k.so"
+        ex.export_library(str(so))
+        if not carries_gpu_binary(so):
+            raise RuntimeError("the exported .so carries no CUDA fatbin")
+        raw = so.read_bytes()
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        tmp.write_bytes(lzma.compress(raw, preset=6))
+        tmp.replace(dest)
+    nvcc_s = sum(c["nvcc_s"] for c in cap.compiles)
+    params = _entry_params(source, kernel)
+    return {**out, "status": "ok", "params": sig, "program": stats,
+            "compile": {"schedule_s": round(t_apply, 2), "lower_s": round(t_compile - nvcc_s, 2),
+                        "nvcc_s": round(nvcc_s, 2), "compile_s": round(t_apply + t_compile, 2), "cpu_s": round(cpu, 2)},
+            "code": {"text_bytes": cc["sections"].get(f".text.{kernel}"), "cubin_bytes": cc["cubin_bytes"],
+                     "fatbin_bytes": cc["fatbin_bytes"], "so_bytes": len(raw), "xz_bytes": dest.stat().st_size,
+                     "source_bytes": cc["source_bytes"], "ptx_bytes": len(cc["ptx"].encode())},
+            "resources": {k: r for k, r in cc["resources"].items() if k == kernel or k.startswith(kernel + "_")},
+            "device_params": params, "ptx_global_loads": ptx_global_loads(cc["ptx"]),
+            "nvcc_command": cc["command"], "ptxas_report": cc["report"][-2000:]}
+
+
+def build_specialized_all(jobs: list[dict], cache_dir: Path, n_jobs: int = 1) -> list[dict]:
+    """Run ``build_specialized`` for every job in child processes (``n_jobs`` at a time), through a content-keyed
+    cache in ``cache_dir``; each job's .so.xz is copied to ``job['dest']``. Returns the results in job order."""
+    import concurrent.futures as cf
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    results: list[dict | None] = [None] * len(jobs)
+    t_all = time.time()
+    done = [0]
+
+    def finish(k, res):
+        job = jobs[k]
+        if res.get("status") == "ok":
+            shutil.copyfile(cache_dir / f"{job['key']}.so.xz", job["dest"])
+        results[k] = res
+        done[0] += 1
+        c = res.get("compile", {})
+        what = (f"compile {c.get('compile_s', 0):.1f} s (schedule {c.get('schedule_s', 0):.1f}, lower "
+                f"{c.get('lower_s', 0):.1f}, nvcc {c.get('nvcc_s', 0):.1f}), SASS {res['code']['text_bytes'] or 0:,} B"
+                if res.get("status") == "ok" else f"{res.get('status')}: {res.get('reason') or res.get('error')}")
+        log(f"  spec {done[0]}/{len(jobs)} {job['label']} nnz={res.get('nnz')}: "
+            f"{'cached, ' if res.get('cached') else ''}{what} [{time.time() - t_all:.0f} s]")
+
+    def run_one(k):
+        job = jobs[k]
+        meta, so = cache_dir / f"{job['key']}.json", cache_dir / f"{job['key']}.so.xz"
+        if meta.exists():
+            res = json.loads(meta.read_text())
+            if res.get("status") == "refused" or (res.get("status") == "ok" and so.exists()):
+                return dict(res, cached=True)
+        jf = cache_dir / f"{job['key']}.job.json"
+        jf.write_text(json.dumps(dict(job["build"], out=str(so))))
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_spec_build", "--job", str(jf)],
+                           capture_output=True, text=True, cwd=ROOT)
+        jf.unlink(missing_ok=True)
+        try:
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"status": "error", "error": f"exit {p.returncode}: {(p.stderr or p.stdout)[-1500:]}"}
+        if res.get("status") in ("ok", "refused"):
+            tmp = meta.with_name(meta.name + f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(res, indent=1))
+            tmp.replace(meta)
+        return res
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
+        futs = {pool.submit(run_one, k): k for k in range(len(jobs))}
+        for f in cf.as_completed(futs):
+            k = futs[f]
+            try:
+                res = f.result()
+            except Exception as e:
+                res = {"status": "error", "error": short_error(e)}
+            finish(k, res)
+    return results
 
 
 def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_kernels: int = 1000,
-            command: str = "") -> dict:
-    """Build everything the GPU side needs into ``bench_dir`` (replaced as a whole); returns the manifest."""
+            command: str = "", spec_variants: str = SPEC_VARIANTS, spec_max_nnz: int | None = None,
+            jobs: int = 1, spec_cache: Path | None = None) -> dict:
+    """Build everything the GPU side needs into ``bench_dir`` (replaced as a whole); returns the manifest.
+
+    ``spec_variants``: the specialised kernel's variants (``default`` first, then names of SPEC_CHANGES; ``none``:
+    no specialised kernels), built for every case with at most ``spec_max_nnz`` nonzeros (default: the rule's
+    MAX_NONZEROS), each in a module of its own, ``jobs`` at a time, through the cache ``spec_cache``."""
     t_start = time.time()
     import numpy as np
     import tvm
@@ -344,11 +650,16 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
     from escort_tvm.cuda_toolchain import carries_gpu_binary, prepare_cuda_build
     from escort_tvm.models import magnitude_prune
     from escort_tvm.sparse_format import SparseConvWeight
-    from schedules import SparseConvCUDA
+    from schedules import SparseConvCUDA, SpecializedCUDA
+    from schedules.cuda_specialized import MAX_NONZEROS
 
     prepare_cuda_build()
     target = tvm.target.Target(TARGET)
     rule = SparseConvCUDA()
+    srule = SpecializedCUDA()
+    spec_max_nnz = MAX_NONZEROS if spec_max_nnz is None else min(int(spec_max_nnz), MAX_NONZEROS)
+    use_spec = spec_variants.strip().lower() not in ("", "none")
+    spec_jobs: list[dict] = []
     bench_dir = Path(bench_dir)
     tmp = bench_dir.parent / f".{bench_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -415,6 +726,30 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                         "weights": g["file"], "dense_key": "dense", "bias_key": "bias",
                         "dense_func": dense_specs[dkey], "variants": ventries})
         entries[-1]["floor_ms"] = floor_ms(entries[-1]["spec"], g["nnz"])
+        sp_entry = {"rule": srule.name, "max_nnz": spec_max_nnz, "variants": [], "skipped": [], "reason": None}
+        entries[-1]["specialized"] = sp_entry
+        if not use_spec:
+            sp_entry["reason"] = "not built (--spec-variants none)"
+        elif g["nnz"] > spec_max_nnz:
+            sp_entry["reason"] = (f"{g['nnz']} nonzeros > {spec_max_nnz}"
+                                  + (" (MAX_NONZEROS of the rule)" if spec_max_nnz == MAX_NONZEROS else " (--spec-max-nnz)"))
+        else:
+            if "spec_weights" not in g:
+                g["spec_weights"] = tmp / f".spec_{Path(g['file']).stem}.npz"
+                np.savez(g["spec_weights"], dense=g["arrays"]["dense"])
+            epi = {"relu": False, "residual": False}
+            for j, sv in enumerate(specialized_variants(srule.default_knobs(spec, weight), spec_variants)):
+                if sv["knobs"] is None:
+                    sp_entry["skipped"].append({"index": j, "name": sv["name"], "knobs": None, "reason": sv["reason"]})
+                    continue
+                kd = sv["knobs"].as_dict()
+                key = spec_cache_key(spec.to_dict(), kd, epi, g["arrays"]["dense"], TARGET)
+                sym = f"escort_spec_{key[:16]}"
+                spec_jobs.append({"key": key, "case": i, "index": j, "name": sv["name"],
+                                  "dest": str(tmp / f"spec_{sym}.so.xz"),
+                                  "label": f"case {i} {case['layer']} N={spec.N} sp={case['sparsity']:.2f} {sv['name']}",
+                                  "build": {"spec": spec.to_dict(), "weights": str(g["spec_weights"]), "knobs": kd,
+                                            "epilogue": epi, "symbol": sym, "target": TARGET}})
         d0 = ventries[0]
         log(f"case {i:2d} {case['layer']:20s} N={spec.N:<3d} sp={case['sparsity']:.2f} nnz={g['nnz']:<8d} "
             f"{len(ventries)} variant(s), default {d0['knobs']} first input {d0['first_input']['shape']}")
@@ -502,6 +837,49 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
     (tmp / "resources.txt").write_text("\n".join(lines) + "\n")
     t_res = time.time() - t0
 
+    # ---- specialised kernels: one module (and one .so.xz) each, built in child processes through the cache
+    t0 = time.time()
+    if spec_jobs:
+        cache = Path(spec_cache) if spec_cache else DEFAULT_SPEC_CACHE
+        log(f"building {len(spec_jobs)} specialised kernels, one module each, {jobs} at a time (cache {cache})")
+        results = build_specialized_all(spec_jobs, cache, jobs)
+        lines += [f"# specialised kernels ({srule.name}), one module each, nvcc as TVM runs it "
+                  f"({results[0].get('nvcc_command', '?') if results else ''}); SASS = .text of the kernel in its cubin",
+                  f"{'':1s} {'case':>4s} {'layer':20s} {'N':>3s} {'sp':>5s} {'var':>10s} {'nnz':>6s} {'regs':>5s} "
+                  f"{'spill_st':>8s} {'spill_ld':>8s} {'stack':>6s} {'smem':>6s} {'compile_s':>9s} {'SASS_B':>9s}  kernel  knobs"]
+        by_case = {e["index"]: e for e in entries}
+        for job, res in zip(spec_jobs, results):
+            sp_entry = by_case[job["case"]]["specialized"]
+            if res.get("status") != "ok":
+                sp_entry["skipped"].append({"index": job["index"], "name": job["name"], "knobs": job["build"]["knobs"],
+                                            "reason": f"{res.get('status')}: {res.get('reason') or res.get('error')}"})
+                continue
+            v = {"index": job["index"], "name": job["name"], "symbol": job["build"]["symbol"],
+                 "default": job["name"] == "default", "rule": srule.name, "knobs": job["build"]["knobs"],
+                 "so": Path(job["dest"]).name, "params": res["params"], "first_input": {"padded": False,
+                 "shape": res["params"][0][1]}, "arrays": [], "cached": bool(res.get("cached"))}
+            for k in ("program", "compile", "code", "resources", "device_params", "ptx_global_loads"):
+                v[k] = res.get(k)
+            sp_entry["variants"].append(v)
+            e = by_case[job["case"]]
+            for kname, r in sorted((v["resources"] or {}).items()):
+                lines.append(f"{'*' if v['default'] else ' '} {e['index']:4d} {e['layer']:20s} {e['batch']:3d} "
+                             f"{e['sparsity']:5.2f} {v['name']:>10s} {res['nnz']:6d} {r.get('registers', -1):5d} "
+                             f"{r.get('spill_stores', -1):8d} {r.get('spill_loads', -1):8d} {r.get('stack', -1):6d} "
+                             f"{r.get('smem', -1):6d} {v['compile']['compile_s']:9.1f} "
+                             f"{v['code']['text_bytes'] or -1:9d}  {kname}  {json.dumps(v['knobs'])}")
+        for e in entries:
+            sp = e["specialized"]
+            sp["variants"].sort(key=lambda v: v["index"])
+            sp["skipped"].sort(key=lambda v: v["index"])
+            if not sp["variants"] and sp["reason"] is None:
+                sp["reason"] = "no variant built: " + "; ".join(f"{x['name']}: {x['reason']}" for x in sp["skipped"])
+        (tmp / "resources.txt").write_text("\n".join(lines) + "\n")
+    for g in groups.values():
+        if "spec_weights" in g:
+            Path(g["spec_weights"]).unlink(missing_ok=True)
+    t_spec = time.time() - t0
+
     # ---- weights and manifest
     for g in groups.values():
         np.savez_compressed(tmp / g["file"], **g["arrays"])
@@ -513,7 +891,12 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
         "source": "kernels.cu", "input_seed": "torch.Generator('cuda').manual_seed(1000 + case index)",
         "floor": {"fp32_peak": FP32_PEAK, "bw": BW},
         "timings_s": {"schedule": round(t_sched, 1), "compile_kernels": round(t_compile, 1),
-                      "compile_dense": round(t_dense, 1), "resources": round(t_res, 1)},
+                      "compile_dense": round(t_dense, 1), "resources": round(t_res, 1),
+                      "specialized": round(t_spec, 1)},
+        "specialized": {"rule": srule.name, "variants": spec_variants if use_spec else "none",
+                        "max_nnz": spec_max_nnz, "jobs": jobs,
+                        "kernels": sum(len(e["specialized"]["variants"]) for e in entries),
+                        "files": "spec_<symbol>.so.xz: one exported .so per kernel, xz-compressed (lzma)"},
         "cases": entries,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -525,8 +908,8 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
         shutil.rmtree(bench_dir)
     tmp.rename(bench_dir)
     total_mb = sum(sizes.values()) / 1e6
-    log(f"wrote {bench_dir}: {len(entries)} cases, {len(funcs)} kernels, {total_mb:.1f} MB "
-        f"in {time.time() - t_start:.1f} s")
+    log(f"wrote {bench_dir}: {len(entries)} cases, {len(funcs)} CSR kernels, "
+        f"{manifest['specialized']['kernels']} specialised kernels, {total_mb:.1f} MB in {time.time() - t_start:.1f} s")
     if total_mb > SIZE_WARN_MB:
         log(f"WARNING: {bench_dir} is {total_mb:.1f} MB; with .devbundle it may not fit the 64 MiB carry")
     return manifest
@@ -553,6 +936,22 @@ def load_tvm_runtime(allow_stub: bool = False):
     return tvm
 
 
+def unpack_spec_so(bench_dir: Path, v: dict, into: Path) -> Path:
+    """The specialised kernel's .so, decompressed from the carried ``spec_<symbol>.so.xz`` into ``into``."""
+    import lzma
+
+    dest = Path(into) / Path(v["so"]).name.removesuffix(".xz")
+    if not dest.exists():
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        tmp.write_bytes(lzma.decompress((Path(bench_dir) / v["so"]).read_bytes()))
+        tmp.replace(dest)
+    return dest
+
+
+def spec_variants_of(case: dict) -> list[dict]:
+    return (case.get("specialized") or {}).get("variants") or []
+
+
 def inspect_bench(bench_dir: Path, allow_stub: bool) -> dict:
     """Load both libraries as the GPU side does and report which manifest symbols they lack."""
     manifest = json.loads((bench_dir / "manifest.json").read_text())
@@ -566,7 +965,19 @@ def inspect_bench(bench_dir: Path, allow_stub: bool) -> dict:
     dense_names = set(re.findall(r"[\w.]+", funcs_line))
     missing_k = [v["symbol"] for c in manifest["cases"] for v in c["variants"] if not klib.implements_function(v["symbol"])]
     missing_d = sorted({c["dense_func"] for c in manifest["cases"]} - dense_names)
-    return {"kernels": sum(len(c["variants"]) for c in manifest["cases"]), "missing_kernels": missing_k,
+    n_spec = 0
+    with tempfile.TemporaryDirectory(prefix="bench-spec-") as td:
+        for c in manifest["cases"]:
+            for v in spec_variants_of(c):
+                n_spec += 1
+                try:
+                    lib = tvm.runtime.load_module(str(unpack_spec_so(bench_dir, v, Path(td))))
+                    if not lib.implements_function(v["symbol"]):
+                        missing_k.append(v["symbol"])
+                except Exception as e:
+                    missing_k.append(f"{v['symbol']} ({short_error(e)})")
+    return {"kernels": sum(len(c["variants"]) for c in manifest["cases"]), "spec_kernels": n_spec,
+            "missing_kernels": missing_k,
             "missing_dense": missing_d, "dense_is_vm": dlib.implements_function("vm_load_executable"),
             "tvm_relax_imported": any(m == "tvm.relax" or m.startswith("tvm.relax.") for m in sys.modules),
             "compiler_imported": "escort_tvm.compiler" in sys.modules,
@@ -625,6 +1036,35 @@ def verify(bench_dir: Path, reapply: bool = True) -> list[str]:
                 x = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
                 if not np.array_equal(np.asarray(plan.prepare_input(x)), first_input_numpy(x, v["first_input"])):
                     problems.append(f"{v['symbol']}: prepare_input differs from the manifest layout")
+        sp = c.get("specialized")
+        if sp is None:
+            problems.append(f"case {c['index']}: no 'specialized' entry")
+            continue
+        if c["nnz"] <= sp["max_nnz"] and sp["reason"] is None and not sp["variants"]:
+            problems.append(f"case {c['index']}: specialised kernel eligible but neither built nor explained")
+        for v in sp["variants"]:
+            want = [s["N"], s["C"], s["H"], s["W"]]
+            oh, ow = out_hw(s)
+            shapes = [p[1] for p in v["params"]]
+            if shapes != [want, [s["K"]], [s["N"], s["K"], oh, ow]] or v["arrays"]:
+                problems.append(f"{v['symbol']}: params {v['params']} are not (x[N,C,H,W], bias[K], y)")
+            if not (bench_dir / v["so"]).exists():
+                problems.append(f"{v['symbol']}: {v['so']} missing")
+                continue
+            with tempfile.TemporaryDirectory(prefix="bench-verify-") as td:
+                if not carries_gpu_binary(unpack_spec_so(bench_dir, v, Path(td))):
+                    problems.append(f"{v['symbol']}: {v['so']} carries no fatbin")
+            loads = v.get("ptx_global_loads") or {}
+            if any(not op.endswith(".f32") for op in loads):
+                problems.append(f"{v['symbol']}: non-float global loads in its PTX: {loads}")
+            if reapply:
+                from schedules import SpecializedCUDA
+
+                spec = ConvSpec(**{k: tuple(x) if isinstance(x, list) else x for k, x in s.items()})
+                plan = SpecializedCUDA().apply(spec, SparseConvWeight.from_dense(dense, spec.groups),
+                                               Epilogue(relu=False), SpecializedCUDA.Knobs.from_dict(v["knobs"]))
+                if _signature(plan.func) != v["params"] or plan.weight_arrays or plan.padded_input:
+                    problems.append(f"{v['symbol']}: re-applying the specialised schedule gives another signature")
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_inspect", "--bench-dir", str(bench_dir),
                         "--allow-stub"], capture_output=True, text=True, env=env, timeout=300)
@@ -677,6 +1117,17 @@ class _Gpu:
         self.sms = int(getattr(props, "multi_processor_count", 0))
         if torch.cuda.current_stream().cuda_stream != 0:
             log("WARNING: torch's current stream is not the default stream; TVM launches on the default stream")
+
+        self.bench_dir = bench_dir
+        self._spec_tmp = tempfile.mkdtemp(prefix="bench-spec-")
+        self._spec_libs: dict[str, object] = {}
+
+    def spec_function(self, v: dict):
+        """The specialised kernel's function, from its own .so (decompressed once per worker)."""
+        if v["so"] not in self._spec_libs:
+            path = unpack_spec_so(self.bench_dir, v, Path(self._spec_tmp))
+            self._spec_libs[v["so"]] = self.tvm.runtime.load_module(str(path))
+        return self._spec_libs[v["so"]][v["symbol"]]
 
     # ---------------------------------------------------------------- timing
     def do_bench(self, fn, warmup=25, rep=100) -> float:
@@ -864,11 +1315,14 @@ def measure_worker(args) -> int:
         ref = conv(x.double(), w.double())
         ref_b = ref + bias.double().view(1, -1, 1, 1)
         y_shape = (N, K) + tuple(ref.shape[2:])
-        multi = len(c["variants"]) > 1
 
-        def kernel_call(v):
-            fn = gpu.klib[v["symbol"]]
-            xin = gpu.first_input(x, v["first_input"])
+        def kernel_call(v, family):
+            if family == "spec":
+                fn = gpu.spec_function(v)
+                xin = x.contiguous()  # the specialised kernel reads plain NCHW and pads on chip
+            else:
+                fn = gpu.klib[v["symbol"]]
+                xin = gpu.first_input(x, v["first_input"])
             if list(xin.shape) != v["first_input"]["shape"]:
                 raise RuntimeError(f"first input {list(xin.shape)} != manifest {v['first_input']['shape']}")
             arrays = [torch.from_numpy(np.ascontiguousarray(z[a["key"]])).cuda() for a in v["arrays"]]
@@ -876,85 +1330,98 @@ def measure_worker(args) -> int:
             targs = [gpu.t(t) for t in (xin, *arrays, bias, y)]
             return fn, xin, arrays, y, targs
 
-        # ---- every variant: check (NaN-poisoned output, float64 reference), then time (short if several)
-        for v in c["variants"]:
-            part = f"v{v['index']}"
-            if (i, part) in done:
-                continue
-            mark(i, part)
-            rec = {"type": "variant", "case": i, "part": part, "variant": v["index"], "symbol": v["symbol"]}
-            try:
-                fn, xin, arrays, y, targs = kernel_call(v)
-                fn(*targs)
-                torch.cuda.synchronize()
-                err, bad = _rel_err(torch, y, ref_b)
-                ok = bad == 0 and err < TOL_FP32
-                rec.update(rel_err=err, nonfinite=bad, status="ok" if ok else "FAIL")
-                if ok:
-                    call = (lambda: fn(*targs))
-                    key = "screen_ms" if multi else "ms"
-                    rec[key] = gpu.do_bench(call, warmup=5, rep=20) if multi else gpu.do_bench(call)
-                    err2, bad2 = _rel_err(torch, y, ref_b)  # the output after many launches: still right?
-                    if bad2 or not err2 < TOL_FP32:
-                        rec.update(status="FAIL", rel_err_after_timing=err2, nonfinite_after_timing=bad2)
-                        rec.pop(key, None)
-                del fn, xin, arrays, y, targs
-            except SystemExit:
-                raise
-            except Exception as e:
-                rec.update(status="FAIL", error=short_error(e))
-                if not gpu.healthy():
-                    crash_exit(i, part, e)
-            emit(rec)
-
-        vrecs = {r["variant"]: r for r in records if r.get("type") == "variant" and r["case"] == i}
-        passing = [v for v in c["variants"] if vrecs.get(v["index"], {}).get("status") == "ok"]
-        best = None
-        # ---- several variants: the 3 fastest by screening, timed again with the full budget
-        if multi and passing and (i, "final") not in done:
-            mark(i, "final")
-            cands = sorted(passing, key=lambda v: vrecs[v["index"]]["screen_ms"])[:3]
-            times = {}
-            for v in cands:
+        def run_family(family: str, variants: list[dict]):
+            """Check and time every variant of one kernel kind; returns the best passing one (or None)."""
+            vp, final_part, stream_part = FAMILY_PARTS[family]
+            tag = {} if family == "csr" else {"family": family}
+            multi = len(variants) > 1
+            # ---- every variant: check (NaN-poisoned output, float64 reference), then time (short if several)
+            for v in variants:
+                part = f"{vp}{v['index']}"
+                if (i, part) in done:
+                    continue
+                mark(i, part)
+                rec = {"type": "variant", **tag, "case": i, "part": part, "variant": v["index"], "symbol": v["symbol"]}
                 try:
-                    fn, xin, arrays, y, targs = kernel_call(v)
-                    times[v["index"]] = gpu.do_bench(lambda: fn(*targs))
+                    fn, xin, arrays, y, targs = kernel_call(v, family)
+                    fn(*targs)
+                    torch.cuda.synchronize()
+                    err, bad = _rel_err(torch, y, ref_b)
+                    ok = bad == 0 and err < TOL_FP32
+                    rec.update(rel_err=err, nonfinite=bad, status="ok" if ok else "FAIL")
+                    if ok:
+                        call = (lambda: fn(*targs))
+                        key = "screen_ms" if multi else "ms"
+                        rec[key] = gpu.do_bench(call, warmup=5, rep=20) if multi else gpu.do_bench(call)
+                        err2, bad2 = _rel_err(torch, y, ref_b)  # the output after many launches: still right?
+                        if bad2 or not err2 < TOL_FP32:
+                            rec.update(status="FAIL", rel_err_after_timing=err2, nonfinite_after_timing=bad2)
+                            rec.pop(key, None)
                     del fn, xin, arrays, y, targs
+                except SystemExit:
+                    raise
                 except Exception as e:
+                    rec.update(status="FAIL", error=short_error(e))
                     if not gpu.healthy():
-                        crash_exit(i, "final", e)
-            emit({"type": "final", "case": i, "part": "final", "times": {str(k): t for k, t in times.items()}})
-        if passing:
-            if multi:
-                fin = next((r for r in records if r.get("type") == "final" and r["case"] == i), None)
-                if fin and fin["times"]:
-                    bi = int(min(fin["times"], key=fin["times"].get))
-                    best = next(v for v in passing if v["index"] == bi)
-                else:
-                    best = min(passing, key=lambda v: vrecs[v["index"]]["screen_ms"])
-            else:
-                best = passing[0]
+                        crash_exit(i, part, e)
+                emit(rec)
 
-        # ---- the best variant back to back, cycling over input copies larger than L2 together
-        if best is not None and not args.no_stream and (i, "stream") not in done:
-            mark(i, "stream")
-            rec = {"type": "stream", "case": i, "part": "stream", "variant": best["index"]}
-            try:
-                fn, xin, arrays, y, targs = kernel_call(best)
-                nbytes = xin.numel() * 4
-                nbuf = 1 if nbytes >= 2 * gpu.l2_bytes else int(math.ceil(2 * gpu.l2_bytes / nbytes))
-                bufs = [xin] + [xin.clone() for _ in range(nbuf - 1)]
-                rest = targs[1:]
-                tbufs = [gpu.t(b) for b in bufs]
-                st = gpu.stream_bench(lambda k: fn(tbufs[k], *rest), nbuf)
-                rec.update(st, n_buffers=nbuf, buffer_bytes=nbytes, rotated_bytes=nbytes * nbuf,
-                           l2_bytes=gpu.l2_bytes)
-                del bufs, tbufs, fn, xin, arrays, y, targs, rest
-            except Exception as e:
-                rec.update(status="FAIL", error=short_error(e))
-                if not gpu.healthy():
-                    crash_exit(i, "stream", e)
-            emit(rec)
+            vrecs = {r["variant"]: r for r in records if r.get("type") == "variant" and r["case"] == i
+                     and r.get("family", "csr") == family}
+            passing = [v for v in variants if vrecs.get(v["index"], {}).get("status") == "ok"]
+            best = None
+            # ---- several variants: the 3 fastest by screening, timed again with the full budget
+            if multi and passing and (i, final_part) not in done:
+                mark(i, final_part)
+                cands = sorted(passing, key=lambda v: vrecs[v["index"]]["screen_ms"])[:3]
+                times = {}
+                for v in cands:
+                    try:
+                        fn, xin, arrays, y, targs = kernel_call(v, family)
+                        times[v["index"]] = gpu.do_bench(lambda: fn(*targs))
+                        del fn, xin, arrays, y, targs
+                    except Exception as e:
+                        if not gpu.healthy():
+                            crash_exit(i, final_part, e)
+                emit({"type": "final", **tag, "case": i, "part": final_part,
+                      "times": {str(k): t for k, t in times.items()}})
+            if passing:
+                if multi:
+                    fin = next((r for r in records if r.get("type") == "final" and r["case"] == i
+                                and r.get("family", "csr") == family), None)
+                    if fin and fin["times"]:
+                        bi = int(min(fin["times"], key=fin["times"].get))
+                        best = next(v for v in passing if v["index"] == bi)
+                    else:
+                        best = min(passing, key=lambda v: vrecs[v["index"]]["screen_ms"])
+                else:
+                    best = passing[0]
+
+            # ---- the best variant back to back, cycling over input copies larger than L2 together
+            if best is not None and not args.no_stream and (i, stream_part) not in done:
+                mark(i, stream_part)
+                rec = {"type": "stream", **tag, "case": i, "part": stream_part, "variant": best["index"]}
+                try:
+                    fn, xin, arrays, y, targs = kernel_call(best, family)
+                    nbytes = xin.numel() * 4
+                    nbuf = 1 if nbytes >= 2 * gpu.l2_bytes else int(math.ceil(2 * gpu.l2_bytes / nbytes))
+                    bufs = [xin] + [xin.clone() for _ in range(nbuf - 1)]
+                    rest = targs[1:]
+                    tbufs = [gpu.t(b) for b in bufs]
+                    st = gpu.stream_bench(lambda k: fn(tbufs[k], *rest), nbuf)
+                    rec.update(st, n_buffers=nbuf, buffer_bytes=nbytes, rotated_bytes=nbytes * nbuf,
+                               l2_bytes=gpu.l2_bytes)
+                    del bufs, tbufs, fn, xin, arrays, y, targs, rest
+                except Exception as e:
+                    rec.update(status="FAIL", error=short_error(e))
+                    if not gpu.healthy():
+                        crash_exit(i, stream_part, e)
+                emit(rec)
+            return best
+
+        best = run_family("csr", c["variants"])
+        if spec_variants_of(c):
+            run_family("spec", spec_variants_of(c))
 
         # ---- the input padding the graph pass emits before a kernel that reads a padded input
         if best is not None and (i, "pad") not in done:
@@ -1067,35 +1534,11 @@ def build_rows(manifest: dict, records: list[dict], ours_metric: str = "dobench"
             continue
         row = {k: c[k] for k in ("index", "layer", "batch", "sparsity", "group", "nnz", "actual_sparsity", "floor_ms")}
         row["spec"] = c["spec"]
-        vmeta = {v["index"]: v for v in c["variants"]}
-        variants = []
-        for r in recs:
-            if r.get("type") in ("variant",) or (r.get("type") == "crash" and r["part"].startswith("v")):
-                vi = r.get("variant", int(r["part"][1:]) if r["part"][1:].isdigit() else -1)
-                m = vmeta.get(vi, {})
-                variants.append({"variant": vi, "default": m.get("default", False), "knobs": m.get("knobs"),
-                                 "symbol": m.get("symbol"), "status": r.get("status"), "rel_err": r.get("rel_err"),
-                                 "screen_ms": r.get("screen_ms"), "ms": r.get("ms"), "error": r.get("error"),
-                                 "resources": m.get("resources")})
-        fin = next((r for r in recs if r.get("type") == "final"), None)
-        if fin:
-            for v in variants:
-                if str(v["variant"]) in fin["times"]:
-                    v["ms"] = fin["times"][str(v["variant"])]
-        row["variants"] = sorted(variants, key=lambda v: v["variant"])
-        if not any(v["ms"] is not None for v in row["variants"]):  # several variants, final timing missing
-            for v in row["variants"]:
-                v["ms"] = v["screen_ms"]
-        timed = [v for v in row["variants"] if v["status"] == "ok" and v["ms"] is not None]
-        best = min(timed, key=lambda v: v["ms"]) if timed else None
-        row["best_variant"] = best["variant"] if best else None
-        row["best_knobs"] = best["knobs"] if best else None
-        row["best_resources"] = best["resources"] if best else None
-        row["ours_kernel_ms"] = best["ms"] if best else None
-        st = next((r for r in recs if r.get("type") == "stream" and "ms" in r), None)
-        row["ours_stream_ms"] = st["ms"] if st and best and st.get("variant") == best["variant"] else None
-        row["stream"] = {k: st[k] for k in ("n_buffers", "buffer_bytes", "rotated_bytes", "l2_bytes",
-                                            "launches_per_rep", "reps", "gpu_sleep_first") if k in st} if st else None
+        fam = _family_result(recs, c["variants"], "csr")
+        row["variants"] = fam["variants"]
+        row["best_variant"], row["best_knobs"], row["best_resources"] = fam["best_variant"], fam["best_knobs"], \
+            fam["best_resources"]
+        row["ours_kernel_ms"], row["ours_stream_ms"], row["stream"] = fam["kernel_ms"], fam["stream_ms"], fam["stream"]
         pad = next((r for r in recs if r.get("type") == "pad" and "ms" in r), None)
         row["pad_ms"] = pad["ms"] if pad else None
         kern = row["ours_stream_ms"] if ours_metric == "stream" else row["ours_kernel_ms"]
@@ -1113,8 +1556,106 @@ def build_rows(manifest: dict, records: list[dict], ours_metric: str = "dobench"
         row["floor_fraction"] = row["floor_ms"] / row["ours_ms"] if row["ours_ms"] else None
         row["skipped"] = next((r["reason"] for r in recs if r.get("type") == "skipped"), None)
         row["crashes"] = [{"part": r["part"], "error": r.get("error")} for r in recs if r.get("type") == "crash"]
+        # ---- the specialised kernel (no pad: it reads the NCHW input) and the best of our kernels
+        sp = c.get("specialized") or {}
+        row["specialized"] = None
+        row["spec_reason"] = sp.get("reason")
+        row["spec_max_nnz"] = sp.get("max_nnz")
+        row["spec_skipped"] = sp.get("skipped", [])
+        if sp.get("variants"):
+            f = _family_result(recs, sp["variants"], "spec")
+            meta = {v["index"]: v for v in sp["variants"]}
+            for v in f["variants"]:
+                m = meta.get(v["variant"], {})
+                v.update(name=m.get("name"), compile=m.get("compile"), code=m.get("code"), program=m.get("program"))
+            f["ms"] = f["stream_ms"] if ours_metric == "stream" else f["kernel_ms"]
+            best_meta = meta.get(f["best_variant"], {})
+            default = next((v for v in sp["variants"] if v.get("default")), None)
+            f["best_name"] = best_meta.get("name")
+            f["best_compile"], f["best_code"] = best_meta.get("compile"), best_meta.get("code")
+            f["default_compile"] = default.get("compile") if default else None
+            f["default_code"] = default.get("code") if default else None
+            row["specialized"] = f
+        row["csr_ms"] = row["ours_ms"]
+        row["spec_ms"] = row["specialized"]["ms"] if row["specialized"] else None
+        cands = [(m, k) for m, k in ((row["csr_ms"], "csr"), (row["spec_ms"], "spec")) if m is not None]
+        row["best_ms"], row["best_kernel"] = min(cands) if cands else (None, None)
+        row["both"] = row["csr_ms"] is not None and row["spec_ms"] is not None
+        row["csr_over_spec"] = row["csr_ms"] / row["spec_ms"] if row["both"] else None
+        row["speedup_best"] = {}
+        for b in BASELINES:
+            bm = row["baselines"].get(b, {}).get("ms")
+            row["speedup_best"][b] = bm / row["best_ms"] if bm and row["best_ms"] else None
+        row["floor_fraction_best"] = row["floor_ms"] / row["best_ms"] if row["best_ms"] else None
         rows.append(row)
     return rows
+
+
+def _family_result(recs: list[dict], vmeta_list: list[dict], family: str) -> dict:
+    """One kernel kind's variants of a case from the records: status, times, the best and its back-to-back time."""
+    vp = FAMILY_PARTS[family][0]
+    vmeta = {v["index"]: v for v in vmeta_list}
+    variants = []
+    for r in recs:
+        if r.get("type") == "variant" and r.get("family", "csr") == family or (
+                r.get("type") == "crash" and r["part"].startswith(vp) and r["part"][len(vp):].isdigit()):
+            vi = r.get("variant", int(r["part"][len(vp):]))
+            m = vmeta.get(vi, {})
+            variants.append({"variant": vi, "default": m.get("default", False), "knobs": m.get("knobs"),
+                             "symbol": m.get("symbol"), "status": r.get("status"), "rel_err": r.get("rel_err"),
+                             "screen_ms": r.get("screen_ms"), "ms": r.get("ms"), "error": r.get("error"),
+                             "resources": m.get("resources")})
+    fin = next((r for r in recs if r.get("type") == "final" and r.get("family", "csr") == family), None)
+    if fin:
+        for v in variants:
+            if str(v["variant"]) in fin["times"]:
+                v["ms"] = fin["times"][str(v["variant"])]
+    variants.sort(key=lambda v: v["variant"])
+    if not any(v["ms"] is not None for v in variants):  # several variants, final timing missing
+        for v in variants:
+            v["ms"] = v["screen_ms"]
+    timed = [v for v in variants if v["status"] == "ok" and v["ms"] is not None]
+    best = min(timed, key=lambda v: v["ms"]) if timed else None
+    st = next((r for r in recs if r.get("type") == "stream" and r.get("family", "csr") == family and "ms" in r), None)
+    return {"variants": variants, "best_variant": best["variant"] if best else None,
+            "best_knobs": best["knobs"] if best else None, "best_resources": best["resources"] if best else None,
+            "kernel_ms": best["ms"] if best else None,
+            "stream_ms": st["ms"] if st and best and st.get("variant") == best["variant"] else None,
+            "stream": {k: st[k] for k in ("n_buffers", "buffer_bytes", "rotated_bytes", "l2_bytes", "launches_per_rep",
+                                          "reps", "gpu_sleep_first") if k in st} if st else None}
+
+
+# Issue 3's targets, checked on the best of our kernels per layer: (batch, baseline, bound, how).
+# "geomean": the geometric mean of the per-layer speedups must reach the bound (strictly exceed it for ">");
+# "every": every layer's speedup must reach it.
+TARGETS = ((32, "cudnn_fp32", 3.0, "geomean"), (32, "cudnn_tf32", 1.0, "geomean>"),
+           (32, "im2col_cublas", 2.63, "every"), (32, "im2col_cusparse", 3.07, "every"),
+           (1, "cudnn_fp32", 3.0, "geomean"), (1, "cudnn_tf32", 1.5, "geomean"))
+
+
+def target_checks(rs: list[dict], batch: int) -> list[dict]:
+    """Issue 3's targets for ``batch`` over rows ``rs``, on best-of-ours (``speedup_best``)."""
+    out = []
+    for b, base, bound, how in TARGETS:
+        if b != batch:
+            continue
+        vals = [(r["layer"], r["speedup_best"].get(base)) for r in rs]
+        have = [(lay, v) for lay, v in vals if v is not None]
+        missing = [lay for lay, v in vals if v is None]
+        if how.startswith("geomean"):
+            value = geomean([v for _, v in have])
+            met = value is not None and (value > bound if how.endswith(">") else value >= bound)
+            failing = []
+        else:
+            value = min((v for _, v in have), default=None)
+            failing = [lay for lay, v in have if v < bound]
+            met = bool(have) and not failing
+        sym = ">" if how.endswith(">") else ">="
+        out.append({"target": f"{'geomean' if how.startswith('geomean') else 'every layer'} x {BASELINE_TITLES[base]} "
+                              f"{sym} {bound:g}", "baseline": base, "bound": bound, "how": how.rstrip(">"),
+                    "value": value, "met": bool(met and not missing), "layers": len(have), "missing": missing,
+                    "failing": failing})
+    return out
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -1130,6 +1671,21 @@ def summarize(rows: list[dict]) -> dict:
             g[base] = geomean([r["baselines"].get(base, {}).get("ms") for r in rs])
             g[f"speedup_{base}"] = geomean([r["speedup"].get(base) for r in rs])
         g["counted"] = sum(r["ours_ms"] is not None for r in rs)
+        # best of our kernels per layer: over every layer (CSR alone where the specialised one is missing) and
+        # over the layers that have both
+        g["best"] = {}
+        for subset, sel in (("all", rs), ("both", [r for r in rs if r["both"]])):
+            h = {"cases": len(sel), "counted": sum(r["best_ms"] is not None for r in sel),
+                 "csr_ms": geomean([r["csr_ms"] for r in sel]), "spec_ms": geomean([r["spec_ms"] for r in sel]),
+                 "best_ms": geomean([r["best_ms"] for r in sel]),
+                 "spec_wins": sum(r["best_kernel"] == "spec" for r in sel),
+                 "floor_ms": geomean([r["floor_ms"] for r in sel]),
+                 "floor_fraction": geomean([r["floor_fraction_best"] for r in sel])}
+            for base in BASELINES:
+                h[base] = geomean([r["baselines"].get(base, {}).get("ms") for r in sel])
+                h[f"speedup_{base}"] = geomean([r["speedup_best"].get(base) for r in sel])
+            h["targets"] = target_checks(sel, b)
+            g["best"][subset] = h
         out[str(b)] = g
     return out
 
@@ -1142,36 +1698,114 @@ def _x(v):
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _winner(r: dict) -> str:
+    if r["best_kernel"] is None:
+        return "-"
+    if not r["both"]:
+        return FAMILY_TITLES[r["best_kernel"]] + (" (only)" if r["best_kernel"] == "spec" else "")
+    ratio = max(r["csr_ms"], r["spec_ms"]) / min(r["csr_ms"], r["spec_ms"])
+    return f"{FAMILY_TITLES[r['best_kernel']]} {ratio:.2f}x"
+
+
 def case_line(r: dict) -> str:
     bl = " ".join(f"{b}={_f(r['baselines'].get(b, {}).get('ms'))}" for b in BASELINES)
     fails = sum(v["status"] != "ok" for v in r["variants"])
+    sp = r.get("specialized")
+    spec = (f"spec={_f(sp['kernel_ms'])} stream={_f(sp['stream_ms'])} ({sp['best_name'] or 'FAIL'}, "
+            f"{sum(v['status'] != 'ok' for v in sp['variants'])} fail)" if sp else "spec=-")
     return (f"case {r['index']:2d} {r['layer']:20s} N={r['batch']:<3d} sp={r['sparsity']:.2f} "
-            f"ours={_f(r['ours_kernel_ms'])}+pad {_f(r['pad_ms'])} stream={_f(r['ours_stream_ms'])} "
-            f"(v{r['best_variant']}, {fails} fail) {bl} floor={_f(r['floor_ms'])}")
+            f"csr={_f(r['ours_kernel_ms'])}+pad {_f(r['pad_ms'])} stream={_f(r['ours_stream_ms'])} "
+            f"(v{r['best_variant']}, {fails} fail) {spec} best={_winner(r)} {bl} floor={_f(r['floor_ms'])}")
 
 
 def _md_table(rows: list[dict], knob_names: list[str]) -> list[str]:
-    head = (["layer", "N", "sparsity", "nnz", "ours", "kernel", "pad", "kernel (stream)"]
+    head = (["layer", "N", "sparsity", "nnz", "CSR", "CSR kernel", "pad", "CSR kernel (stream)", "specialized",
+             "specialized (stream)", "best of ours", "winner"]
             + [BASELINE_TITLES[b] for b in BASELINES] + ["floor"]
-            + [f"x {BASELINE_TITLES[b]}" for b in SPEEDUP_VS] + ["floor/ours", "variant", "/".join(knob_names)])
+            + [f"x {BASELINE_TITLES[b]}" for b in SPEEDUP_VS] + ["floor/best", "CSR variant", "/".join(knob_names),
+                                                                 "spec variant"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         var = "FAIL" if r["best_variant"] is None else f"v{r['best_variant']}"
         knobs = "/".join(str(v) for v in r["best_knobs"].values()) if r["best_knobs"] else "-"
+        sp = r.get("specialized")
+        svar = (sp["best_name"] or "FAIL") if sp else "-"
         cells = ([r["layer"], str(r["batch"]), f"{r['sparsity']:.2f}", str(r["nnz"]), _f(r["ours_ms"]),
-                  _f(r["ours_kernel_ms"]), _f(r["pad_ms"]), _f(r["ours_stream_ms"])]
+                  _f(r["ours_kernel_ms"]), _f(r["pad_ms"]), _f(r["ours_stream_ms"]),
+                  _f(sp["kernel_ms"]) if sp else "-", _f(sp["stream_ms"]) if sp else "-", _f(r["best_ms"]), _winner(r)]
                  + [_f(r["baselines"].get(b, {}).get("ms")) for b in BASELINES] + [_f(r["floor_ms"])]
-                 + [_x(r["speedup"].get(b)) for b in SPEEDUP_VS]
-                 + [_f(r["floor_fraction"], 3), var, knobs])
+                 + [_x(r["speedup_best"].get(b)) for b in SPEEDUP_VS]
+                 + [_f(r["floor_fraction_best"], 3), var, knobs, svar])
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+def _kb(v):
+    return "-" if v is None else f"{v / 1024:.0f}"
+
+
+def _spec_table(rows: list[dict]) -> list[str]:
+    """Per case with a specialised kernel: its time against the CSR kernel, compile cost, code size, resources."""
+    head = ["layer", "N", "sparsity", "nnz", "specialized", "CSR", "CSR/spec", "best variant", "knobs (cpt/tx/ty/stage/chunk)",
+            "compile s (schedule+lower+nvcc)", "default compile s", "SASS KiB", "cubin KiB", ".so.xz KiB", "regs",
+            "spill st/ld", "smem", "FMAs/load"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        sp = r.get("specialized")
+        if not sp:
+            continue
+        best = next((v for v in sp["variants"] if v["variant"] == sp["best_variant"]), None)
+        v = best or next((v for v in sp["variants"] if v["default"]), None) or (sp["variants"] or [None])[0]
+        if v is None:
+            continue
+        c, code, prog = v.get("compile") or {}, v.get("code") or {}, v.get("program") or {}
+        res = next(iter((v.get("resources") or {}).values()), {})
+        knobs = "/".join(str(int(x) if isinstance(x, bool) else x) for x in (v.get("knobs") or {}).values())
+        dc = sp.get("default_compile") or {}
+        cells = [r["layer"], str(r["batch"]), f"{r['sparsity']:.2f}", str(r["nnz"]), _f(sp["kernel_ms"]),
+                 _f(r["ours_ms"]), _x(r["csr_over_spec"]), (v.get("name") or "?") + ("" if best else " (none passed)"),
+                 knobs, f"{c.get('compile_s', 0):.1f} ({c.get('schedule_s', 0):.1f}+{c.get('lower_s', 0):.1f}+"
+                        f"{c.get('nvcc_s', 0):.1f})" if c else "-",
+                 f"{dc['compile_s']:.1f}" if dc else "-", _kb(code.get("text_bytes")), _kb(code.get("cubin_bytes")),
+                 _kb(code.get("xz_bytes")), str(res.get("registers", "-")),
+                 f"{res.get('spill_stores', '-')}/{res.get('spill_loads', '-')}", str(res.get("smem", "-")),
+                 f"{prog['fmas_per_load']:.2f}" if prog.get("fmas_per_load") is not None else "-"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _best_summary_lines(summary: dict) -> list[str]:
+    head = (["batch", "layers", "specialized wins", "CSR", "specialized", "best of ours"]
+            + [BASELINE_TITLES[b] for b in BASELINES] + ["floor"] + [f"x {BASELINE_TITLES[b]}" for b in SPEEDUP_VS]
+            + ["floor/best"])
+    L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    targets = []
+    for b, g in summary.items():
+        for subset, title in (("all", "all"), ("both", "with both kernels")):
+            h = g.get("best", {}).get(subset)
+            if not h:
+                continue
+            L.append("| " + " | ".join([b, f"{h['counted']}/{h['cases']} ({title})", str(h["spec_wins"]),
+                                        _f(h["csr_ms"]), _f(h["spec_ms"]), _f(h["best_ms"])]
+                                       + [_f(h[x]) for x in BASELINES] + [_f(h["floor_ms"])]
+                                       + [_x(h[f"speedup_{x}"]) for x in SPEEDUP_VS] + [_f(h["floor_fraction"], 3)]) + " |")
+            for t in h["targets"]:
+                val = "-" if t["value"] is None else f"{t['value']:.2f}x" + (" (lowest layer)" if t["how"] == "every" else "")
+                extra = ""
+                if t["failing"]:
+                    extra += f"; below on {len(t['failing'])}: {', '.join(t['failing'])}"
+                if t["missing"]:
+                    extra += f"; no time for {', '.join(t['missing'])}"
+                targets.append(f"- batch {b}, {title} ({t['layers']} layers): {t['target']}: {val} "
+                               f"**{'met' if t['met'] else 'not met'}**{extra}")
+    return L + [""] + targets
 
 
 def render_markdown(env: dict, manifest: dict, rows: list[dict], summary: dict, ours_metric: str,
                     command: str) -> str:
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     knob_names = next((list(r["best_knobs"]) for r in rows if r["best_knobs"]), [])
-    git = manifest.get("git", {})
+    git = manifest.get("git") or {}
     L = [f"## Sparse direct convolution on {env.get('gpu', '?')} ({date})", "",
          f"GPU {env.get('gpu', '?')} (sm_{env.get('capability', '?').replace('.', '')}, {env.get('sms', '?')} SMs, "
          f"L2 {env.get('l2_bytes', 0) / 2**20:.0f} MiB), driver {env.get('driver', '?')}; PyTorch {env.get('torch', '?')} "
@@ -1180,7 +1814,7 @@ def render_markdown(env: dict, manifest: dict, rows: list[dict], summary: dict, 
          f"`{git.get('commit', '?')[:10]}`{' (dirty tree)' if git.get('dirty') else ''} "
          f"(variants: {manifest.get('variants_mode', '?')}).", "",
          f"Commands: `python scripts/bench.py prepare` on the build machine, then on the GPU machine "
-         f"(carry `.devbundle` and `.gpu`): `{command}`.", "",
+         f"(carry `.devbundle` and the prepared folder): `{command}`.", "",
          "Method: conv layers of `measure_anchors.py`, fp32 NCHW, seeded random weights pruned by magnitude, "
          "random bias (kernel only; the baselines have none). Times are medians in ms. "
          f"Baselines and `kernel` are timed with {env.get('bench_impl', 'do_bench')} (warm-up 25 ms, 100 ms of "
@@ -1192,8 +1826,19 @@ def render_markdown(env: dict, manifest: dict, rows: list[dict], summary: dict, 
          "twice the L2, weights L2-resident. Each kernel variant and baseline is checked before it is timed "
          f"(output poisoned with NaN; relative L2 error vs float64 `F.conv2d`: < {TOL_FP32:g} for fp32, "
          f"< {TOL_REDUCED:g} for TF32 and fp16); a failing variant is never timed. The floor is the larger of "
-         "2*nnz*OH*OW*N flops at 67 TFLOP/s and the bytes (input, output, CSR) at 4.3 TB/s.", ""]
-    L.append("### Geometric means over the layers at 90% sparsity (`layers`: how many have a passing kernel)")
+         "2*nnz*OH*OW*N flops at 67 TFLOP/s and the bytes (input, output, CSR) at 4.3 TB/s.", "",
+         "Two kernels of ours: `CSR` is `cuda.register_tiled` (CSR arrays, reads the padded input: its time is "
+         "kernel + pad); `specialized` is `cuda.specialized` (weights as immediates in the code, no index arrays, "
+         "pads on chip: its time is the kernel alone), built for layers with at most "
+         f"{next((r['spec_max_nnz'] for r in rows if r.get('spec_max_nnz')), 'MAX_NONZEROS')} nonzeros, each "
+         "kernel in a module of its own, and timed the same way. `best of ours` is the faster of the two per layer "
+         "(the CSR kernel where the specialised one is missing); the speedups `x ...` and floor/best in the "
+         "per-layer tables use it. Compile seconds are wall time on the build machine.", ""]
+    L.append("### Best of our kernels, geometric means over the layers at 90% sparsity, and the targets of issue 3")
+    L.append("")
+    L += _best_summary_lines(summary) + [""]
+    L.append("### CSR kernel alone, geometric means over the layers at 90% sparsity (`layers`: how many have a "
+             "passing kernel; `ours` = CSR kernel + pad)")
     L.append("")
     head = (["batch", "layers", "ours", "kernel", "kernel (stream)"] + [BASELINE_TITLES[b] for b in BASELINES]
             + ["floor"] + [f"x {BASELINE_TITLES[b]}" for b in SPEEDUP_VS] + ["floor/ours"])
@@ -1211,13 +1856,32 @@ def render_markdown(env: dict, manifest: dict, rows: list[dict], summary: dict, 
     if sweep:
         batches = ", ".join(str(b) for b in sorted({b for _, b in sweep_keys}))
         L += [f"### Sparsity sweep, batch {batches}", ""] + _md_table(sweep, knob_names) + [""]
+    spec_rows = [r for r in main + [r for r in sweep if r["group"] == "sweep"] if r.get("specialized")]
+    if spec_rows:
+        L += ["### Specialised kernel: time, compile cost, code size", "",
+              "The variant shown is the fastest passing one (else the default). Compile s: `rule.apply` (the "
+              "unrolled program as TIR) + TVM lowering and codegen + nvcc (TVM's own command), wall seconds on the "
+              "build machine, each kernel in its own `tvm.compile`; `default compile s`: the default variant's. "
+              "SASS: the kernel's `.text` section in its cubin; `.so.xz`: what is carried to the GPU. Registers, "
+              "spills and shared memory: ptxas -v of that compile.", ""] + _spec_table(spec_rows) + [""]
+    not_built = [f"- {r['layer']} N={r['batch']} sp={r['sparsity']:.2f} (nnz {r['nnz']}): {r['spec_reason']}"
+                 for r in main + [r for r in sweep if r["group"] == "sweep"] if r.get("spec_reason")]
+    if not_built:
+        L += ["### Layers without a specialised kernel", ""] + not_built + [""]
     problems = []
     for r in rows:
-        for v in r["variants"]:
-            if v["status"] != "ok":
-                err = "-" if v["rel_err"] is None else f"{v['rel_err']:.2e}"
-                problems.append(f"- {r['layer']} N={r['batch']} sp={r['sparsity']:.2f} variant v{v['variant']} "
-                                f"{json.dumps(v['knobs'])}: {v['status']} (rel err {err}) {v['error'] or ''}".rstrip())
+        sp = r.get("specialized") or {"variants": []}
+        for fam, vs in (("CSR", r["variants"]), ("specialized", sp["variants"])):
+            for v in vs:
+                if v["status"] != "ok":
+                    err = "-" if v["rel_err"] is None else f"{v['rel_err']:.2e}"
+                    name = f" {v['name']}" if v.get("name") else ""
+                    problems.append(f"- {r['layer']} N={r['batch']} sp={r['sparsity']:.2f} {fam} variant "
+                                    f"v{v['variant']}{name} {json.dumps(v['knobs'])}: {v['status']} (rel err {err}) "
+                                    f"{v['error'] or ''}".rstrip())
+        for x in r.get("spec_skipped") or []:
+            problems.append(f"- {r['layer']} N={r['batch']} sp={r['sparsity']:.2f} specialized variant {x['name']} "
+                            f"not built: {x['reason']}")
         for b, x in r["baselines"].items():
             if x.get("status") != "ok":
                 problems.append(f"- {r['layer']} N={r['batch']} sp={r['sparsity']:.2f} {BASELINE_TITLES.get(b, b)}: "
@@ -1237,10 +1901,13 @@ def write_reports(out: Path, manifest: dict, ours_metric: str, command: str, plo
     summary = summarize(rows)
     result = {"env": env, "command": command, "ours_metric": ours_metric,
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "prepared": {k: manifest.get(k) for k in ("prepared_at", "git", "tvm", "target", "variants_mode")},
+              "prepared": {k: manifest.get(k) for k in ("prepared_at", "git", "tvm", "target", "variants_mode",
+                                                        "specialized", "timings_s")},
               "method": {"baselines": "triton.testing.do_bench(warmup=25, rep=100, return_mode='median'), L2 flushed "
                                       "before every call (as measure_anchors.py)",
                          "kernel": "same do_bench as the baselines", "pad": "same do_bench; F.pad + reshape",
+                         "specialized": "same do_bench, kernel alone (it reads the NCHW input; no pad op)",
+                         "best": "per layer the faster of CSR (kernel + pad) and specialized (kernel)",
                          "kernel_stream": "median per-launch time of back-to-back launches between CUDA events, "
                                           "input rotated over copies totalling > 2x L2 (see rows[].stream), "
                                           "weights L2-resident",
@@ -1274,19 +1941,59 @@ def plot_speedups(rows: list[dict], path: Path, gpu: str) -> None:
         rs = [r for r in rows if r["group"] == "main" and r["batch"] == b]
         width = 0.8 / len(SPEEDUP_VS)
         for j, base in enumerate(SPEEDUP_VS):
-            vals = [r["speedup"].get(base) or 0.0 for r in rs]
+            vals = [(r.get("speedup_best") or r["speedup"]).get(base) or 0.0 for r in rs]
             ax.bar([k + (j - (len(SPEEDUP_VS) - 1) / 2) * width for k in range(len(rs))], vals, width,
                    label=f"vs {BASELINE_TITLES[base]}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(rs)))
         ax.set_xticklabels([r["layer"] for r in rs], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("speedup (baseline / ours)")
-        ax.set_title(f"sparse direct conv, 90% sparsity, batch {b} ({gpu})")
+        ax.set_ylabel("speedup (baseline / best of ours)")
+        ax.set_title(f"sparse direct conv (best of CSR and specialised per layer), 90% sparsity, batch {b} ({gpu})")
         ax.legend(fontsize=8, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     log(f"wrote {path}")
+
+
+def merge_reports(inputs: list[Path], out: Path, plot: bool = True) -> dict:
+    """One report from the ``bench.json`` of several measure runs (say one per batch, each from its own prepared
+    folder so each fits a carry): rows concatenated, geomeans and target checks recomputed."""
+    results = [json.loads(Path(p).read_text()) for p in inputs]
+    rows, seen = [], set()
+    for res in results:
+        for r in res["rows"]:
+            key = (r["layer"], r["batch"], r["sparsity"])
+            if key in seen:
+                raise ValueError(f"{key} appears in more than one input")
+            seen.add(key)
+            rows.append(r)
+    gpus = {res["env"].get("gpu") for res in results}
+    if len(gpus) > 1:
+        raise ValueError(f"inputs were measured on different GPUs: {sorted(map(str, gpus))}")
+    metrics = {res["ours_metric"] for res in results}
+    if len(metrics) > 1:
+        raise ValueError(f"inputs use different --ours-metric: {sorted(metrics)}")
+    rows.sort(key=lambda r: (r["group"] != "main", r["batch"], r["index"]))
+    env, metric = results[0]["env"], results[0]["ours_metric"]
+    prepared = dict(results[0]["prepared"])
+    dates = sorted({str(res["prepared"].get("prepared_at")) for res in results})
+    prepared["prepared_at"] = " and ".join(dates)
+    command = " ; ".join(res["command"] for res in results)
+    summary = summarize(rows)
+    result = {"env": env, "command": command, "ours_metric": metric, "merged_from": [str(p) for p in inputs],
+              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "prepared": prepared,
+              "inputs_prepared": [res["prepared"] for res in results], "method": results[0].get("method"),
+              "summary": summary, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(render_markdown(env, prepared, rows, summary, metric, command) + "\n")
+    if plot:
+        try:
+            plot_speedups(rows, out / "speedup.png", env.get("gpu", ""))
+        except Exception as e:
+            log(f"no plot: {short_error(e)}")
+    return result
 
 
 def measure_driver(args) -> int:
@@ -1348,25 +2055,34 @@ def measure_driver(args) -> int:
     result = write_reports(out, manifest, args.ours_metric, command, plot=True)
     rows = result["rows"]
     log("")
-    log(f"{'layer':20s} {'N':>3s} {'sp':>5s} {'ours':>8s} {'kernel':>8s} {'pad':>7s} {'stream':>8s} "
-        + " ".join(f"{b[:12]:>12s}" for b in BASELINES) + f" {'floor':>7s} "
-        + " ".join(f"{'x' + b[:10]:>11s}" for b in SPEEDUP_VS) + f" {'fl/ours':>7s}")
+    log(f"{'layer':20s} {'N':>3s} {'sp':>5s} {'csr':>8s} {'kernel':>8s} {'pad':>7s} {'stream':>8s} {'spec':>8s} "
+        f"{'best':>8s} {'winner':>16s} " + " ".join(f"{b[:12]:>12s}" for b in BASELINES) + f" {'floor':>7s} "
+        + " ".join(f"{'x' + b[:10]:>11s}" for b in SPEEDUP_VS) + f" {'fl/best':>7s}")
     for r in rows:
         log(f"{r['layer']:20s} {r['batch']:3d} {r['sparsity']:5.2f} {_f(r['ours_ms']):>8s} {_f(r['ours_kernel_ms']):>8s} "
-            f"{_f(r['pad_ms']):>7s} {_f(r['ours_stream_ms']):>8s} "
-            + " ".join(f"{_f(r['baselines'].get(b, {}).get('ms')):>12s}" for b in BASELINES)
-            + f" {_f(r['floor_ms']):>7s} " + " ".join(f"{_x(r['speedup'].get(b)):>11s}" for b in SPEEDUP_VS)
-            + f" {_f(r['floor_fraction'], 3):>7s}")
+            f"{_f(r['pad_ms']):>7s} {_f(r['ours_stream_ms']):>8s} {_f(r['spec_ms']):>8s} {_f(r['best_ms']):>8s} "
+            f"{_winner(r):>16s} " + " ".join(f"{_f(r['baselines'].get(b, {}).get('ms')):>12s}" for b in BASELINES)
+            + f" {_f(r['floor_ms']):>7s} " + " ".join(f"{_x(r['speedup_best'].get(b)):>11s}" for b in SPEEDUP_VS)
+            + f" {_f(r['floor_fraction_best'], 3):>7s}")
     for b, g in result["summary"].items():
-        log(f"geomean batch {b} ({g['counted']}/{g['cases']} layers): ours {_f(g['ours_ms'])} ms, "
+        log(f"geomean batch {b} CSR ({g['counted']}/{g['cases']} layers): {_f(g['ours_ms'])} ms, "
             + ", ".join(f"{BASELINE_TITLES[x]} {_f(g[x])}" for x in BASELINES)
-            + "; speedup " + ", ".join(f"{_x(g['speedup_' + x])} vs {BASELINE_TITLES[x]}" for x in SPEEDUP_VS)
-            + f"; floor/ours {_f(g['floor_fraction'], 3)}")
+            + "; speedup " + ", ".join(f"{_x(g['speedup_' + x])} vs {BASELINE_TITLES[x]}" for x in SPEEDUP_VS))
+        for subset, h in g["best"].items():
+            log(f"geomean batch {b} best of ours over {subset} ({h['counted']}/{h['cases']} layers, specialised wins "
+                f"{h['spec_wins']}): {_f(h['best_ms'])} ms (CSR {_f(h['csr_ms'])}, specialised {_f(h['spec_ms'])}); "
+                + ", ".join(f"{_x(h['speedup_' + x])} vs {BASELINE_TITLES[x]}" for x in SPEEDUP_VS))
+            for t in h["targets"]:
+                val = "-" if t["value"] is None else f"{t['value']:.2f}"
+                log(f"  target {t['target']}: {val} {'met' if t['met'] else 'NOT met'}")
     n_skip = sum(bool(r["skipped"]) for r in rows)
     n_fail = sum(r["best_variant"] is None and not r["skipped"] for r in rows)
+    n_fail_spec = sum(bool(r["specialized"]) and r["specialized"]["best_variant"] is None and not r["skipped"]
+                      for r in rows)
     log(f"wrote {out / 'bench.json'}, {out / 'bench.md'} in {time.time() - t0:.0f} s; "
-        f"{n_fail} case(s) without a passing kernel, {n_skip} skipped")
-    return 1 if n_fail else 0
+        f"{n_fail} case(s) without a passing CSR kernel, {n_fail_spec} without a passing specialised kernel "
+        f"(of those that have one), {n_skip} skipped")
+    return 1 if n_fail or n_fail_spec else 0
 
 
 # ====================================================================== CLI
@@ -1390,14 +2106,16 @@ def cmd_check(a) -> int:
         cases[-1]["sparsity"] = sp
     with tempfile.TemporaryDirectory(prefix="bench-check-") as td:
         d = Path(td) / "bench"
-        manifest = prepare(d, cases, variants=a.variants or "3", command="bench.py check")
+        manifest = prepare(d, cases, variants=a.variants or "3", command="bench.py check",
+                           spec_variants=a.spec_variants, jobs=a.jobs, spec_cache=Path(td) / "spec-cache")
         problems = verify(d, reapply=True)
         n = sum(len(c["variants"]) for c in manifest["cases"])
     if problems:
         log("check FAILED:\n  " + "\n  ".join(problems))
         return 1
-    log(f"check passed: {len(manifest['cases'])} cases, {n} kernels, manifest/npz/so consistent, symbols found by a "
-        f"runtime-only TVM ({time.time() - t0:.1f} s)")
+    n_spec = manifest["specialized"]["kernels"]
+    log(f"check passed: {len(manifest['cases'])} cases, {n} CSR + {n_spec} specialised kernels, manifest/npz/so "
+        f"consistent, symbols found by a runtime-only TVM ({time.time() - t0:.1f} s)")
     return 0
 
 
@@ -1412,6 +2130,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-sweep", action="store_true", help="leave out the sparsity sweep")
     p.add_argument("--quick", action="store_true", help=f"one small case: {QUICK_LAYER}, batch 1")
     p.add_argument("--max-kernels", type=int, default=1000, help="refuse to build more kernels than this")
+    p.add_argument("--spec-variants", default=None,
+                   help=f"specialised kernel variants, 'default' first, then one-knob changes of it "
+                        f"({', '.join(SPEC_CHANGES)}); 'none' builds none (default: {SPEC_VARIANTS}; --quick: default)")
+    p.add_argument("--spec-max-nnz", type=int, default=None,
+                   help="build the specialised kernel only for layers with at most this many nonzeros "
+                        "(default and upper bound: schedules.cuda_specialized.MAX_NONZEROS)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="specialised kernels compiled at a time (child processes)")
+    p.add_argument("--spec-cache", default=str(DEFAULT_SPEC_CACHE),
+                   help="compile cache of specialised kernels (content-keyed; keep it out of the carried folder)")
     m = sub.add_parser("measure", help="check and time on the GPU machine (TVM runtime only)")
     m.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR))
     m.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
@@ -1426,6 +2154,13 @@ def main(argv=None) -> int:
     m.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     c = sub.add_parser("check", help="prepare two small cases into a temp dir and verify consistency (no GPU)")
     c.add_argument("--variants", default="3")
+    c.add_argument("--spec-variants", default=SPEC_VARIANTS)
+    c.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    sb = sub.add_parser("_spec_build", help=argparse.SUPPRESS)
+    sb.add_argument("--job", required=True)
+    mg = sub.add_parser("merge", help="one report from several measure outputs (bench.json files)")
+    mg.add_argument("inputs", nargs="+", help="bench.json files (or folders holding one)")
+    mg.add_argument("--out", required=True)
     i = sub.add_parser("_inspect", help=argparse.SUPPRESS)
     i.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR))
     i.add_argument("--allow-stub", action="store_true")
@@ -1434,12 +2169,28 @@ def main(argv=None) -> int:
     if a.cmd == "prepare":
         cases = _cases_from_args(a)
         cmd = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        prepare(Path(a.bench_dir), cases, variants=a.variants, max_kernels=a.max_kernels, command=cmd)
+        sv = a.spec_variants or ("default" if a.quick else SPEC_VARIANTS)
+        prepare(Path(a.bench_dir), cases, variants=a.variants, max_kernels=a.max_kernels, command=cmd,
+                spec_variants=sv, spec_max_nnz=a.spec_max_nnz, jobs=a.jobs, spec_cache=Path(a.spec_cache))
+        return 0
+    if a.cmd == "_spec_build":
+        try:
+            res = build_specialized(json.loads(Path(a.job).read_text()))
+        except Exception as e:
+            import traceback
+
+            res = {"status": "error", "error": short_error(e), "traceback": traceback.format_exc()[-3000:]}
+        print(json.dumps(res))
         return 0
     if a.cmd == "measure":
         return measure_worker(a) if a.worker else measure_driver(a)
     if a.cmd == "check":
         return cmd_check(a)
+    if a.cmd == "merge":
+        ins = [Path(x) / "bench.json" if Path(x).is_dir() else Path(x) for x in a.inputs]
+        res = merge_reports(ins, Path(a.out))
+        log(f"wrote {Path(a.out) / 'bench.md'}: {len(res['rows'])} rows from {len(ins)} runs")
+        return 0
     if a.cmd == "_inspect":
         print(json.dumps(inspect_bench(Path(a.bench_dir), a.allow_stub)))
         return 0

@@ -4,9 +4,11 @@
     source .devbundle/activate && python3 scripts/gpu_check.py run --dir .gpu/check --out $OUT   # GPU host
 
 ``prepare`` builds (1) small pruned CNNs through escort_tvm.build for CUDA, exported as .so, with
-onnxruntime references, and (2) the CUDA sparse kernel on every conv attribute case and a spread of
-knob settings, all in one .so, with float64 numpy references. ``run`` loads everything with the TVM
-runtime alone, poisons outputs with NaN, runs, and compares by relative error.
+onnxruntime references, (2) the CUDA CSR kernel on every conv attribute case and a spread of knob
+settings, all in one .so, and (3) the specialised kernel (weights in the code) on SPEC_CASES, the default
+knobs and one-knob changes of them, one .so per case, with float64 numpy references (``--parts`` picks
+among the three). ``run`` loads everything with the TVM runtime alone, poisons outputs with NaN, runs,
+and compares by relative error (< 1e-4).
 """
 from __future__ import annotations
 
@@ -40,6 +42,147 @@ CASES = [
 ]
 
 
+# The specialised kernel (schedules.SpecializedCUDA): weights baked into the code, so every case is a kernel
+# of its own; small spatial sizes keep the compile (about ms per nonzero) short.
+# (name, N, C, H, W, K, KH, KW, stride, pad(t,l,b,r), dilation, groups, weight, relu, residual)
+# weight: a sparsity in [0, 1), "zero" (all-zero tensor), "single" (one nonzero), "zero_rows" (90% + every third
+# output channel all zero)
+SPEC_CASES = [
+    ("3x3", 1, 8, 14, 14, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, False),
+    ("3x3_s2", 2, 8, 15, 15, 8, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1, 0.9, False, True),
+    ("1x1_flat", 3, 32, 7, 9, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, True, True),
+    ("1x1_flat_long", 1, 16, 17, 19, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, False, False),
+    ("1x1_s2", 2, 16, 15, 15, 8, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 1, 0.9, True, False),
+    ("5x5", 1, 8, 19, 21, 8, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), 1, 0.9, True, False),
+    ("7x7_s2_p3", 1, 3, 37, 37, 8, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1, 0.5, True, False),
+    ("11x11_s4", 2, 3, 67, 67, 8, 11, 11, (4, 4), (2, 2, 2, 2), (1, 1), 1, 0.9, True, False),
+    ("dilated", 1, 8, 20, 20, 8, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1, 0.9, False, True),
+    ("5x3_asym_pad", 2, 8, 19, 23, 8, 5, 3, (2, 1), (1, 0, 2, 1), (1, 1), 1, 0.9, False, False),
+    ("groups2", 2, 16, 12, 12, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2, 0.9, True, False),
+    ("depthwise", 3, 16, 10, 10, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 16, 0.5, False, True),
+    ("odd_tiles", 1, 8, 13, 37, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, True),
+    ("sparsity50", 1, 8, 9, 11, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.5, False, False),
+    ("sparsity99", 1, 32, 9, 9, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.99, True, False),
+    ("all_zero", 2, 8, 8, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "zero", True, True),
+    ("single_nonzero", 1, 8, 9, 9, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "single", False, False),
+    ("zero_out_channels", 2, 16, 9, 9, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "zero_rows", True, False),
+    ("batch32", 32, 16, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, True),
+    ("batch32_1x1_flat", 32, 16, 6, 6, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, False, True),
+]
+# one-knob changes of the default: the staging flip on every case, the others on SPEC_KNOB_CASES (the kernel's
+# code, and so its compile time, grows with every variant)
+SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("cpt_x2", "channels_per_thread", lambda v: v * 2),
+                ("cpt_half", "channels_per_thread", lambda v: v // 2), ("chunk_4", "channel_chunk", lambda v: 4))
+SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "batch32")
+
+
+def _spec_weight(rng, spec, kind):
+    """A pruned weight for a SPEC_CASES entry (magnitude pruning of a random tensor, or the special kinds)."""
+    from escort_tvm.models import magnitude_prune
+
+    w = rng.standard_normal(spec.weight_shape).astype(np.float32)
+    if kind == "zero":
+        return np.zeros_like(w)
+    if kind == "single":
+        out = np.zeros_like(w)
+        idx = tuple(int(rng.integers(n)) for n in w.shape)
+        out[idx] = 1.75
+        return out
+    if kind == "zero_rows":
+        w = magnitude_prune(w, 0.9)
+        w[::3] = 0
+        return w
+    return magnitude_prune(w, kind)
+
+
+def _spec_variants(rule, spec, weight, all_changes: bool):
+    """(name, knobs, reason): the default and the SPEC_CHANGES changes of it (all, or the staging flip alone)."""
+    from schedules import SpecializedKnobs
+
+    d = rule.default_knobs(spec, weight)
+    out, seen = [("default", d, None)], {d}
+    for name, field, change in SPEC_CHANGES if all_changes else SPEC_CHANGES[:1]:
+        v = change(getattr(d, field))
+        k = d.with_(**{field: v})
+        if v not in SpecializedKnobs.SPACE[field]:
+            out.append((name, None, f"{field}={v} outside the knob space"))
+        elif k in seen:
+            out.append((name, None, "same knobs as an earlier variant"))
+        else:
+            seen.add(k)
+            out.append((name, k, None))
+    return out
+
+
+def prepare_specialized(d: Path, rng) -> list[dict]:
+    """Every SPEC_CASES case: one module (and .so) per case holding its variants; float64 references."""
+    import tvm
+
+    from escort_tvm.compute import Epilogue, conv2d_reference
+    from escort_tvm.conv_spec import ConvSpec
+    from escort_tvm.cuda_toolchain import carries_gpu_binary
+    from escort_tvm.sparse_format import SparseConvWeight
+    from schedules import SpecializedCUDA
+
+    rule = SpecializedCUDA()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    entries = []
+    t_all = time.time()
+    for (name, N, C, H, W, K, KH, KW, st, pad, dil, g, wkind, relu, residual) in SPEC_CASES:
+        spec = ConvSpec(N, C, H, W, K, KH, KW, st, pad, dil, g)
+        w = _spec_weight(rng, spec, wkind)
+        weight = SparseConvWeight.from_dense(w, g)
+        x = rng.standard_normal(spec.input_shape).astype(np.float32)
+        b = rng.standard_normal(K).astype(np.float32)
+        res = rng.standard_normal(spec.output_shape).astype(np.float32) if residual else None
+        ref = conv2d_reference(x, w, spec, b, relu, res)
+        data = {"x": x, "b": b, "ref": ref}
+        if residual:
+            data["residual"] = res
+        np.savez(d / f"spec_case_{name}.npz", **data)
+        funcs, kernels = {}, []
+        for vi, (vname, knobs, reason) in enumerate(_spec_variants(rule, spec, weight, name in SPEC_KNOB_CASES)):
+            sym = f"s_{name}_{vi}"
+            entry = {"case": name, "symbol": sym, "variant": vname, "so": f"spec_{name}.so",
+                     "data": f"spec_case_{name}.npz", "spec": spec.to_dict(), "nnz": int(weight.nnz),
+                     "relu": relu, "residual": residual, "out_shape": spec.output_shape,
+                     "knobs": knobs.as_dict() if knobs else None}
+            if knobs is None:
+                entries.append(dict(entry, skipped=reason))
+                continue
+            try:
+                plan = rule.apply(spec, weight, Epilogue(relu=relu, residual=residual), knobs)
+            except ValueError as e:  # e.g. a staged tile over 48 KB of shared memory
+                entries.append(dict(entry, skipped=f"apply refused: {e}"))
+                continue
+            assert plan.weight_arrays == () and plan.padded_input is False, (name, vname)
+            funcs[sym] = plan.func.with_attr("global_symbol", sym)
+            kernels.append(entry)
+        t0 = time.time()
+        with target:
+            ex = tvm.compile(tvm.IRModule(funcs), target=target)
+        src = "".join(m.inspect_source() for m in _modules(ex.mod) if m.kind == "cuda")
+        for e in kernels:
+            if f"{e['symbol']}_kernel" not in src:
+                raise RuntimeError(f"{e['symbol']} was not compiled as a GPU kernel")
+        so = d / f"spec_{name}.so"
+        ex.export_library(str(so))
+        assert carries_gpu_binary(so), f"{so} carries no fatbin"
+        dt = time.time() - t0
+        for e in kernels:
+            e["module_compile_s"] = round(dt, 1)
+        entries += kernels
+        print(f"  specialised {name:18s} nnz={weight.nnz:<5d} {len(kernels)} kernel(s) compiled in {dt:.1f} s "
+              f"[{time.time() - t_all:.0f} s]", flush=True)
+    return entries
+
+
+def _modules(mod):
+    yield mod
+    for m in mod.imports:
+        yield from _modules(m)
+
+
 def _variants(rule, spec, weight, n):
     """The default knobs plus n-1 seeded random settings (small chunks included, to hit the multi-chunk path)."""
     from schedules import CUDAKnobs
@@ -55,7 +198,7 @@ def _variants(rule, spec, weight, n):
     return out
 
 
-def prepare(d: Path, variants: int) -> None:
+def prepare(d: Path, variants: int, parts: set[str] = frozenset({"models", "csr", "specialized"})) -> None:
     import onnxruntime as ort
     import tvm
 
@@ -67,10 +210,20 @@ def prepare(d: Path, variants: int) -> None:
     from escort_tvm.sparse_format import SparseConvWeight
     from schedules import SparseConvCUDA
 
+    if d.exists():  # a stale file from an earlier prepare must not be checked again
+        for f in d.iterdir():
+            if f.is_file():
+                f.unlink()
     d.mkdir(parents=True, exist_ok=True)
-    manifest = {"models": [], "kernels": []}
+    manifest = {"models": [], "kernels": [], "spec_kernels": []}
     rng = np.random.default_rng(2026)
-    for batch in (1, 4):
+    prepare_cuda_build()
+    if "specialized" in parts:
+        t0 = time.time()
+        manifest["spec_kernels"] = prepare_specialized(d, np.random.default_rng(2027))
+        n = sum("skipped" not in e for e in manifest["spec_kernels"])
+        print(f"prepared {n} specialised kernels over {len(SPEC_CASES)} cases in {time.time() - t0:.1f} s", flush=True)
+    for batch in ((1, 4) if "models" in parts else ()):
         model = small_pruned_cnn(batch=batch, sparsity=0.9, seed=batch)
         mod, params = escort_tvm.from_onnx(model)
         cm = escort_tvm.build(mod, params, "cuda")
@@ -83,7 +236,7 @@ def prepare(d: Path, variants: int) -> None:
                                    "sparse_convs": sum(r.kernel == "sparse" for r in cm.report)})
     rule = SparseConvCUDA()
     funcs = {}
-    for (name, N, C, H, W, K, KH, KW, st, pad, dil, g, sp, relu) in CASES:
+    for (name, N, C, H, W, K, KH, KW, st, pad, dil, g, sp, relu) in (CASES if "csr" in parts else ()):
         spec = ConvSpec(N, C, H, W, K, KH, KW, st, pad, dil, g)
         w = magnitude_prune(rng.standard_normal(spec.weight_shape).astype(np.float32), min(sp, 1.0))
         if name == "empty_rows":
@@ -106,15 +259,16 @@ def prepare(d: Path, variants: int) -> None:
                                         "padded_input": plan.padded_input, "extra_images": plan.extra_images,
                                         "n_weight_arrays": len(plan.weight_arrays), "out_shape": spec.output_shape})
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
-    prepare_cuda_build()
     t0 = time.time()
-    with target:
-        ex = tvm.compile(tvm.IRModule(funcs), target=target)
-    ex.export_library(str(d / "kernels.so"))
-    assert carries_gpu_binary(d / "kernels.so")
+    if funcs:
+        with target:
+            ex = tvm.compile(tvm.IRModule(funcs), target=target)
+        ex.export_library(str(d / "kernels.so"))
+        assert carries_gpu_binary(d / "kernels.so")
     (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(f"prepared {len(manifest['models'])} models and {len(funcs)} kernels in {d} "
-          f"(kernel compile {time.time() - t0:.1f} s)")
+    n_spec = sum("skipped" not in e for e in manifest["spec_kernels"])
+    print(f"prepared {len(manifest['models'])} models, {len(funcs)} CSR kernels and {n_spec} specialised kernels "
+          f"in {d} (CSR kernel compile {time.time() - t0:.1f} s)")
 
 
 def run(d: Path, out: Path | None) -> int:
@@ -141,8 +295,8 @@ def run(d: Path, out: Path | None) -> int:
         print(f"model {m['so']:24s} sparse convs {m['sparse_convs']}  rel err vs onnxruntime {e:.2e}  "
               f"{'PASS' if good else 'FAIL'}")
     load_cuda_runtime(allow_stub=False)
-    lib = tvm.runtime.load_module(str(d / "kernels.so"))
     dev = tvm.cuda(0)
+    lib = tvm.runtime.load_module(str(d / "kernels.so")) if manifest["kernels"] else None
     for k in manifest["kernels"]:
         data, case = np.load(d / k["data"]), np.load(d / f"case_{k['case']}.npz")
         spec = ConvSpec(**{n: tuple(v) if isinstance(v, list) else v for n, v in k["spec"].items()})
@@ -162,8 +316,41 @@ def run(d: Path, out: Path | None) -> int:
         ok &= good
         rows.append({"what": k["symbol"], "case": k["case"], "knobs": k["knobs"], "rel_err": e, "ok": good})
         print(f"kernel {k['symbol']:22s} {json.dumps(k['knobs'])}  err {e:.2e}  {'PASS' if good else 'FAIL'}")
+    libs = {}
+    for k in manifest.get("spec_kernels", []):
+        what = f"spec {k['case']}/{k['variant']}"
+        if "skipped" in k:
+            rows.append({"what": k["symbol"], "case": k["case"], "variant": k["variant"], "kernel": "specialized",
+                         "skipped": k["skipped"], "ok": True})
+            print(f"{what:34s} not built: {k['skipped']}")
+            continue
+        rec = {"what": k["symbol"], "case": k["case"], "variant": k["variant"], "kernel": "specialized",
+               "knobs": k["knobs"], "nnz": k["nnz"], "relu": k["relu"], "residual": k["residual"]}
+        try:
+            if k["so"] not in libs:
+                libs[k["so"]] = tvm.runtime.load_module(str(d / k["so"]))
+            case = np.load(d / k["data"])
+            args = [case["x"], case["b"]] + ([case["residual"]] if k["residual"] else [])
+            args = [tvm.runtime.tensor(a, dev) for a in args]
+            y = tvm.runtime.tensor(np.full(k["out_shape"], np.nan, np.float32), dev)
+            libs[k["so"]][k["symbol"]](*args, y)
+            dev.sync()
+            yn, ref = y.numpy(), case["ref"]
+            e = rel(yn, ref) if np.abs(ref).max() > 0 else float(np.abs(yn - ref).max())
+            good = bool(np.isfinite(yn).all() and e < 1e-4)
+            rec.update(rel_err=e, nonfinite=int((~np.isfinite(yn)).sum()), ok=good)
+        except Exception as ex:  # a launch failure is a failed check, not the end of the run
+            good = False
+            rec.update(error=f"{type(ex).__name__}: {str(ex).strip().splitlines()[-1] if str(ex).strip() else ''}",
+                       ok=False)
+        ok &= good
+        rows.append(rec)
+        err = f"{rec['rel_err']:.2e}" if "rel_err" in rec else rec.get("error", "?")
+        print(f"{what:34s} nnz={k['nnz']:<5d} {json.dumps(k['knobs'])}  err {err}  {'PASS' if good else 'FAIL'}")
     n_fail = sum(not r["ok"] for r in rows)
-    print(f"{len(rows)} checks, {n_fail} failed on {tvm.cuda(0).device_name}")
+    n_skip = sum("skipped" in r for r in rows)
+    print(f"{len(rows) - n_skip} checks, {n_fail} failed ({n_skip} variants not built, listed above) on "
+          f"{tvm.cuda(0).device_name}")
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_check.json").write_text(json.dumps(rows, indent=1))
@@ -175,10 +362,16 @@ def main() -> int:
     ap.add_argument("command", choices=["prepare", "run"])
     ap.add_argument("--dir", type=Path, default=Path(".gpu/check"))
     ap.add_argument("--variants", type=int, default=6, help="knob settings per conv case (prepare)")
+    ap.add_argument("--parts", default="models,csr,specialized",
+                    help="what prepare builds: models (whole CNNs), csr (the CSR kernel cases), specialized")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     a = ap.parse_args()
     if a.command == "prepare":
-        prepare(a.dir, a.variants)
+        parts = {x.strip() for x in a.parts.split(",") if x.strip()}
+        unknown = parts - {"models", "csr", "specialized"}
+        if unknown:
+            ap.error(f"unknown --parts {sorted(unknown)}")
+        prepare(a.dir, a.variants, parts)
         return 0
     return run(a.dir, a.out)
 

@@ -56,6 +56,18 @@ def test_prepare_quick_manifest(quick_dir):
     res = (quick_dir / "resources.txt").read_text()
     assert f"{v['symbol']}_kernel" in res
     assert v["resources"] and all("registers" in r for r in v["resources"].values())
+    # the specialised kernel: its own .so.xz, (x, bias, y), compile cost, code size, resources, no index arrays
+    sp = case["specialized"]
+    assert sp["reason"] is None and [s["name"] for s in sp["variants"]] == ["default"], sp
+    s0 = sp["variants"][0]
+    assert s0["default"] and s0["rule"] == "cuda.specialized" and (quick_dir / s0["so"]).exists()
+    assert [p[1] for p in s0["params"]] == [[1, C, H, W], [K], [1, K, H, W]] and s0["arrays"] == []
+    assert s0["compile"]["compile_s"] > 0 and s0["compile"]["nvcc_s"] > 0
+    assert 0 < s0["code"]["text_bytes"] <= s0["code"]["cubin_bytes"] and s0["code"]["xz_bytes"] > 0
+    assert all("registers" in r for r in s0["resources"].values()) and s0["resources"]
+    assert len(s0["device_params"]) == 3 and all(p.startswith("float*") for p in s0["device_params"])
+    assert s0["ptx_global_loads"] and all(op.endswith(".f32") for op in s0["ptx_global_loads"])
+    assert f"{s0['symbol']}_kernel" in res and m["specialized"]["kernels"] == 1
 
 
 def test_prepare_quick_loads_runtime_only(quick_dir):
@@ -65,7 +77,7 @@ def test_prepare_quick_loads_runtime_only(quick_dir):
                        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     info = json.loads(p.stdout.strip().splitlines()[-1])
-    assert info["runtime_only"] and info["dense_is_vm"]
+    assert info["runtime_only"] and info["dense_is_vm"] and info["spec_kernels"] == 1
     assert not info["missing_kernels"] and not info["missing_dense"]
     assert not info["tvm_relax_imported"] and not info["compiler_imported"]
 
@@ -100,3 +112,112 @@ def test_reports_from_records(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "| x.conv | 1 | 0.90 |" in md and "2.00x" in md and "FAIL" in md and "CRASH" in md and "time budget" in md
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][1]["skipped"] == "time budget"
+
+
+def _spec_manifest():
+    spec = {"N": 32, "C": 8, "H": 6, "W": 6, "K": 4, "KH": 3, "KW": 3, "stride": [1, 1], "pad": [1, 1, 1, 1],
+            "dilation": [1, 1], "groups": 1}
+    csr = lambda j: {"index": j, "symbol": f"c{j}", "default": j == 0, "knobs": {"a": j}, "first_input": {"padded": True},
+                     "resources": {}}
+    spv = lambda j, name: {"index": j, "symbol": f"s{j}", "name": name, "default": j == 0, "so": f"spec_s{j}.so.xz",
+                           "knobs": {"channels_per_thread": 8 >> j}, "first_input": {"padded": False}, "arrays": [],
+                           "resources": {"s_kernel": {"registers": 40, "spill_stores": 0, "spill_loads": 0, "smem": 0}},
+                           "compile": {"schedule_s": 0.1, "lower_s": 1.0, "nvcc_s": 2.0, "compile_s": 3.1 + j},
+                           "code": {"text_bytes": 4096, "cubin_bytes": 8192, "xz_bytes": 2048},
+                           "program": {"fmas_per_load": 2.5}}
+
+    def case(i, layer, nnz, sp_variants, reason=None):
+        return {"index": i, "layer": layer, "batch": 32, "sparsity": 0.9, "group": "main", "nnz": nnz,
+                "actual_sparsity": 0.9, "floor_ms": 0.001, "spec": spec, "variants": [csr(0)],
+                "specialized": {"rule": "cuda.specialized", "max_nnz": 100, "variants": sp_variants, "skipped": [],
+                                "reason": reason}}
+
+    return {"cases": [case(0, "a.conv", 29, [spv(0, "default"), spv(1, "cpt_half")]),
+                      case(1, "b.conv", 29, [spv(0, "default")]),
+                      case(2, "c.conv", 290, [], reason="290 nonzeros > 100 (--spec-max-nnz)")]}
+
+
+def _spec_records(case, csr_ms, spec, baselines):
+    recs = [{"type": "variant", "case": case, "part": "v0", "variant": 0, "status": "ok", "rel_err": 1e-7, "ms": csr_ms},
+            {"type": "pad", "case": case, "part": "pad", "variant": 0, "ms": 0.0}]
+    for j, (status, ms) in enumerate(spec):
+        recs.append({"type": "variant", "family": "spec", "case": case, "part": f"s{j}", "variant": j, "status": status,
+                     "rel_err": 1e-7 if status == "ok" else 0.5, ("screen_ms" if len(spec) > 1 else "ms"): ms})
+    if len(spec) > 1:
+        recs.append({"type": "final", "family": "spec", "case": case, "part": "sfinal",
+                     "times": {str(j): ms for j, (st, ms) in enumerate(spec) if st == "ok"}})
+    for b, ms in baselines.items():
+        recs.append({"type": "baseline", "case": case, "part": b, "name": b, "status": "ok", "ms": ms})
+    return recs
+
+
+def test_reports_best_of_ours_and_targets(tmp_path):
+    """Best of CSR and specialised per layer, geomeans over all layers and over those with both, issue-3 targets."""
+    bench = _bench_module()
+    manifest = _spec_manifest()
+    base = {"cudnn_fp32": 0.4, "cudnn_tf32": 0.1, "im2col_cublas": 0.8, "im2col_cusparse": 0.9}
+    recs = ([{"type": "env", "gpu": "Fake", "capability": "9.0", "l2_bytes": 2**20}]
+            + _spec_records(0, 0.2, [("ok", 0.05), ("FAIL", None)], base)  # specialised wins 4x (v1 fails)
+            + _spec_records(1, 0.1, [("ok", 0.2)], base)  # CSR wins 2x
+            + _spec_records(2, 0.1, [], base))  # no specialised kernel
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = bench.write_reports(tmp_path, manifest, "dobench", bench.MEASURE_CMD)
+    r0, r1, r2 = res["rows"]
+    assert (r0["best_kernel"], r0["best_ms"], r0["specialized"]["best_name"]) == ("spec", 0.05, "default")
+    assert r0["specialized"]["variants"][1]["status"] == "FAIL" and r0["csr_over_spec"] == pytest.approx(4.0)
+    assert (r1["best_kernel"], r1["best_ms"]) == ("csr", 0.1)
+    assert (r2["best_kernel"], r2["specialized"], r2["both"]) == ("csr", None, False)
+    assert r0["speedup_best"]["cudnn_fp32"] == pytest.approx(8.0) and r0["speedup"]["cudnn_fp32"] == pytest.approx(2.0)
+    g = res["summary"]["32"]["best"]
+    assert g["all"]["cases"] == 3 and g["both"]["cases"] == 2 and g["all"]["spec_wins"] == 1
+    assert g["both"]["best_ms"] == pytest.approx((0.05 * 0.1) ** 0.5)
+    assert g["all"]["best_ms"] == pytest.approx((0.05 * 0.1 * 0.1) ** (1 / 3))
+    t = {x["baseline"]: x for x in g["all"]["targets"]}
+    assert set(t) == {"cudnn_fp32", "cudnn_tf32", "im2col_cublas", "im2col_cusparse"}
+    assert t["cudnn_fp32"]["value"] == pytest.approx((8.0 * 4.0 * 4.0) ** (1 / 3)) and t["cudnn_fp32"]["met"]
+    assert t["im2col_cublas"]["value"] == pytest.approx(8.0) and t["im2col_cublas"]["met"]  # lowest layer: 0.8/0.1
+    assert t["cudnn_tf32"]["value"] == pytest.approx((2.0 * 1.0 * 1.0) ** (1 / 3)) and t["cudnn_tf32"]["met"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "specialized 4.00x" in md and "CSR 2.00x" in md and "290 nonzeros > 100" in md
+    assert "cpt_half" in md and "FAIL" in md and "**met**" in md
+    # a second run (another batch, as from a second prepared folder) merges into one report
+    other = tmp_path / "b1"
+    other.mkdir()
+    m1 = json.loads(json.dumps(manifest))
+    for c in m1["cases"]:
+        c["batch"] = 1
+    (other / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bench.write_reports(other, m1, "dobench", bench.MEASURE_CMD)
+    merged = bench.merge_reports([tmp_path / "bench.json", other / "bench.json"], tmp_path / "merged", plot=False)
+    assert sorted(merged["summary"]) == ["1", "32"] and len(merged["rows"]) == 6
+    assert [x["baseline"] for x in merged["summary"]["1"]["best"]["all"]["targets"]] == ["cudnn_fp32", "cudnn_tf32"]
+    with pytest.raises(ValueError, match="more than one input"):
+        bench.merge_reports([tmp_path / "bench.json", tmp_path / "bench.json"], tmp_path / "m2", plot=False)
+
+
+def test_specialized_variants_are_one_knob_changes():
+    bench = _bench_module()
+    from schedules import SpecializedKnobs
+
+    d = SpecializedKnobs(channels_per_thread=32, threads_x=32, threads_y=4, stage_input=True, channel_chunk=8)
+    vs = bench.specialized_variants(d, "default,cpt_x2,cpt_half,stage_flip,chunk_half")
+    assert [v["name"] for v in vs] == ["default", "cpt_x2", "cpt_half", "stage_flip", "chunk_half"]
+    assert vs[0]["knobs"] == d and vs[1]["knobs"] is None and "outside" in vs[1]["reason"]  # 64 is not in SPACE
+    assert vs[2]["knobs"] == d.with_(channels_per_thread=16) and vs[3]["knobs"] == d.with_(stage_input=False)
+    with pytest.raises(ValueError, match="unknown"):
+        bench.specialized_variants(d, "default,bogus")
+    with pytest.raises(ValueError, match="start with 'default'"):
+        bench.specialized_variants(d, "stage_flip")
+
+
+def test_elf_section_sizes_reads_a_cubin(tmp_path):
+    """The code-size figure: the kernel's .text section of a cubin nvcc makes here."""
+    bench = _bench_module()
+    cu = tmp_path / "k.cu"
+    cu.write_text('extern "C" __global__ void k_kernel(float* a) { a[threadIdx.x] = a[threadIdx.x] * 1.5f + 2.0f; }\n')
+    p = subprocess.run(["nvcc", "--cubin", "-arch=sm_90", "-o", str(tmp_path / "k.cubin"), str(cu)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    secs = bench.elf_section_sizes((tmp_path / "k.cubin").read_bytes())
+    assert 0 < secs[".text.k_kernel"] < (tmp_path / "k.cubin").stat().st_size
+    assert secs[".text.k_kernel"] % 16 == 0  # sm_90 instructions are 16 bytes

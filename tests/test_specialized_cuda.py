@@ -1,0 +1,178 @@
+"""The specialised CUDA kernel (schedules.SpecializedCUDA) compiled for sm_90 with nvcc, no GPU needed.
+
+Its point is that the weights live in the instruction stream: the device code must read no index
+array (only x, bias, [residual] and y are kernel parameters, and every global load is a float load),
+and every nonzero weight must appear as an immediate. Every knob value of ``SpecializedKnobs.SPACE``
+(one knob at a time from the default) must compile to a device kernel or be refused with the rule's
+documented ValueError. Layers are tiny so each compile takes seconds.
+"""
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+
+from escort_tvm import ConvSpec, Epilogue, SparseConvWeight
+from escort_tvm.compute import conv2d_reference
+from schedules import SpecializedCUDA, SpecializedKnobs
+from schedules.cuda_specialized import MAX_NONZEROS
+from _helpers import GLOBAL_FN, assert_close, cuda_source, pruned, randn
+
+RULE = SpecializedCUDA()
+
+# (id, spec, sparsity, epilogue, knob changes from the default)
+SIGNATURE_CASES = [
+    ("3x3_staged", ConvSpec(N=1, C=4, H=9, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
+     Epilogue(relu=True), {"stage_input": True}),
+    ("3x3_direct", ConvSpec(N=2, C=4, H=9, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
+     Epilogue(), {"stage_input": False}),
+    ("1x1_flat_residual", ConvSpec(N=2, C=8, H=5, W=7, K=8, KH=1, KW=1), 0.7,
+     Epilogue(relu=True, residual=True), {}),
+    ("5x3_s2_asym_groups2_residual", ConvSpec(N=1, C=4, H=11, W=9, K=4, KH=5, KW=3, stride=(2, 2),
+                                              pad=(1, 0, 2, 1), groups=2), 0.6, Epilogue(residual=True), {}),
+]
+
+
+def _ptx(source: str, tmp_path) -> str:
+    cu, ptx = tmp_path / "k.cu", tmp_path / "k.ptx"
+    cu.write_text(source)
+    p = subprocess.run(["nvcc", "--ptx", "-O3", "-arch=sm_90", "--use_fast_math", "-o", str(ptx), str(cu)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return ptx.read_text()
+
+
+def _entry_params(source: str, kernel: str) -> list[str]:
+    m = re.search(r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?" + re.escape(kernel)
+                  + r"\s*\(([^)]*)\)\s*\{", source)
+    assert m, f"no definition of {kernel} in the CUDA source"
+    return [p.strip() for p in m.group(1).split(",")]
+
+
+def _ptx_imm(v: float) -> str:
+    return "0f" + struct.pack(">f", np.float32(v)).hex().upper()
+
+
+@pytest.mark.parametrize("name,spec,sparsity,epilogue,change", SIGNATURE_CASES, ids=[c[0] for c in SIGNATURE_CASES])
+def test_specialized_device_code_reads_no_index_array(cuda_target, rng, tmp_path, name, spec, sparsity, epilogue,
+                                                      change):
+    w = pruned(rng, spec.weight_shape, sparsity)
+    weight = SparseConvWeight.from_dense(w, spec.groups)
+    knobs = RULE.default_knobs(spec, weight).with_(**change)
+    plan = RULE.apply(spec, weight, epilogue, knobs)
+    assert plan.weight_arrays == () and plan.padded_input is False
+    want = ["x", "bias"] + (["residual"] if epilogue.residual else []) + ["y"]
+    assert [p.name for p in plan.func.params] == want
+    sym = f"spec_{name}"
+    with cuda_target:
+        lib = tvm.compile(tvm.IRModule({sym: plan.func.with_attr("global_symbol", sym)}), target=cuda_target)
+    source = cuda_source(lib)
+    kernel = f"{sym}_kernel"
+    assert kernel in re.findall(GLOBAL_FN, source)
+    params = _entry_params(source, kernel)
+    assert len(params) == len(want), params
+    assert all(re.fullmatch(r"float\*\s+__restrict__\s+\w+", p) for p in params), params
+    assert not re.search(r"\b(?:u?int(?:8|16|32|64)?_t|int|unsigned|long)\s*\*", source), \
+        "the device code declares an integer pointer"
+    ptx = _ptx(source, tmp_path)
+    entry = re.search(r"\.entry\s+" + kernel + r"\s*\((.*?)\)", ptx, re.S)
+    assert entry and entry.group(1).count(".param") == len(want), entry.group(1) if entry else ptx[:2000]
+    loads = set(re.findall(r"\b(ld\.global[\w.]*)\s", ptx))
+    assert loads, "no global loads at all: the check below would be empty"
+    assert all(op.endswith(".f32") for op in loads), f"non-float global loads: {sorted(loads)}"
+    # the weights are in the code: every nonzero value is an immediate operand (possibly negated)
+    missing = [float(v) for v in weight.values if _ptx_imm(v) not in ptx and _ptx_imm(-v) not in ptx]
+    assert not missing, f"{len(missing)} of {weight.nnz} nonzero weights are not immediates in the PTX: {missing[:5]}"
+
+
+# ---------------------------------------------------------------- the knob space, one knob at a time
+KNOB_CASES = [
+    ("3x3", ConvSpec(N=1, C=4, H=9, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7),
+    ("1x1_flat", ConvSpec(N=2, C=8, H=5, W=7, K=8, KH=1, KW=1), 0.7),
+    ("5x3_s2_asym_groups2", ConvSpec(N=1, C=4, H=11, W=9, K=4, KH=5, KW=3, stride=(2, 2), pad=(1, 0, 2, 1),
+                                     groups=2), 0.6),
+]
+REFUSALS = ("threads_x*threads_y", "shared memory")
+
+
+def _one_knob_changes(default: SpecializedKnobs):
+    for field, values in SpecializedKnobs.SPACE.items():
+        for v in values:
+            if v != getattr(default, field):
+                yield field, v, default.with_(**{field: v})
+
+
+@pytest.fixture(scope="module")
+def knob_results(cuda_target):
+    """Per KNOB_CASES case, one module with every one-knob change of the default that the rule accepts."""
+    out = {}
+    rng = np.random.default_rng(7)
+    for name, spec, sparsity in KNOB_CASES:
+        weight = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, sparsity), spec.groups)
+        default = RULE.default_knobs(spec, weight)
+        funcs, compiled, refused = {}, [], []
+        for i, (field, v, knobs) in enumerate([("default", None, default), *_one_knob_changes(default)]):
+            try:
+                plan = RULE.apply(spec, weight, Epilogue(relu=bool(i % 2)), knobs)
+            except ValueError as e:
+                refused.append((field, v, str(e)))
+                continue
+            sym = f"knob_{name}_{i}"
+            funcs[sym] = plan.func.with_attr("global_symbol", sym)
+            compiled.append((field, v, sym))
+        with cuda_target:
+            lib = tvm.compile(tvm.IRModule(funcs), target=cuda_target)
+        out[name] = (default, compiled, refused, set(re.findall(GLOBAL_FN, cuda_source(lib))))
+    return out
+
+
+def test_every_knob_value_compiles_to_a_device_kernel(knob_results):
+    covered = set()
+    for name, (default, compiled, refused, kernels) in knob_results.items():
+        assert compiled[0][0] == "default", f"{name}: the default knobs were refused: {refused}"
+        not_device = [(f, v) for f, v, sym in compiled if f"{sym}_kernel" not in kernels]
+        assert not not_device, f"{name}: compiled for the host, not the GPU: {not_device}"
+        for f, v, why in refused:
+            assert any(r in why for r in REFUSALS), f"{name}: {f}={v} refused for another reason: {why}"
+        covered |= {(f, getattr(default, f)) for f in SpecializedKnobs.SPACE}
+        covered |= {(f, v) for f, v, _ in compiled if f != "default"}
+    never = [(f, v) for f, vals in SpecializedKnobs.SPACE.items() for v in vals if (f, v) not in covered]
+    assert not never, f"knob values no case compiled: {never}"
+
+
+def test_specialized_refuses_too_many_nonzeros():
+    spec = ConvSpec(N=1, C=64, H=4, W=4, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))
+    w = np.ones(spec.weight_shape, np.float32)
+    assert w.size > MAX_NONZEROS
+    with pytest.raises(ValueError, match="nonzeros exceed"):
+        RULE.apply(spec, SparseConvWeight.from_dense(w), Epilogue())
+
+
+def test_specialized_refuses_staged_tile_over_shared_memory(rng):
+    spec = ConvSpec(N=1, C=32, H=64, W=600, K=8, KH=11, KW=11, stride=(4, 4), pad=(2, 2, 2, 2))
+    weight = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.99))
+    knobs = SpecializedKnobs(channels_per_thread=8, threads_x=128, threads_y=8, stage_input=True, channel_chunk=32)
+    with pytest.raises(ValueError, match="shared memory"):
+        RULE.apply(spec, weight, Epilogue(), knobs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,spec,sparsity,epilogue,change", SIGNATURE_CASES, ids=[c[0] for c in SIGNATURE_CASES])
+def test_specialized_matches_reference_on_gpu(cuda_target, rng, name, spec, sparsity, epilogue, change):
+    w = pruned(rng, spec.weight_shape, sparsity)
+    weight = SparseConvWeight.from_dense(w, spec.groups)
+    plan = RULE.apply(spec, weight, epilogue, RULE.default_knobs(spec, weight).with_(**change))
+    with cuda_target:
+        lib = tvm.compile(tvm.IRModule({"k": plan.func.with_attr("global_symbol", "k")}), target=cuda_target)
+    dev = tvm.cuda(0)
+    x, b = randn(rng, spec.input_shape), randn(rng, (spec.K,), 0.5)
+    res = randn(rng, spec.output_shape) if epilogue.residual else None
+    args = [x, b] + ([res] if epilogue.residual else []) + [np.full(spec.output_shape, np.nan, np.float32)]
+    targs = [tvm.runtime.tensor(a, dev) for a in args]
+    lib["k"](*targs)
+    dev.sync()
+    assert_close(targs[-1].numpy(), conv2d_reference(x, w, spec, b, epilogue.relu, res))
