@@ -13,14 +13,16 @@ from .sparse_format import SparseConvWeight
 __version__ = "0.1.0"
 
 
-def build(mod, params=None, target=None, *, min_sparsity=0.7, tuning_log=None):
+def build(mod, params=None, target=None, *, min_sparsity=0.7, tuning_log=None, kernel="auto"):
     from .compiler import build as _build
 
-    return _build(mod, params, target, min_sparsity=min_sparsity, tuning_log=tuning_log)
+    return _build(mod, params, target, min_sparsity=min_sparsity, tuning_log=tuning_log, kernel=kernel)
 
 
 build.__doc__ = """Compile a Relax module; every conv2d whose weight is a constant with sparsity >= min_sparsity
-goes to the sparse direct-convolution kernel, all others stay dense. Returns a CompiledModel
+goes to a sparse direct-convolution kernel, all others stay dense. ``kernel``: "auto" (a tuning log's
+fastest, else the cost rule in relay_passes.kernel_choice), or force "sparse" (CSR), "specialized"
+(weights compiled into the code, falling back to CSR where it cannot) or "dense". Returns a CompiledModel
 (call it with numpy inputs, read ``.report``, ``.export_library(path)``). ``target``: None (cuda if a
 GPU is visible, else llvm), "llvm", "cuda", a dict or a tvm.target.Target."""
 

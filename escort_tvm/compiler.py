@@ -112,8 +112,13 @@ class CompiledModel(Model):
 
 
 def build(mod: tvm.IRModule, params: dict | None = None, target=None, *, min_sparsity: float = 0.7,
-          tuning_log=None) -> CompiledModel:
-    """Compile a Relax module; every constant conv2d weight with sparsity >= min_sparsity gets the sparse kernel."""
+          tuning_log=None, kernel: str = "auto") -> CompiledModel:
+    """Compile a Relax module; every constant conv2d weight with sparsity >= min_sparsity gets a sparse kernel.
+
+    ``kernel``: "auto" (a tuning log's fastest, else the cost rule of relay_passes.kernel_choice),
+    or force "sparse" (CSR), "specialized" (weights in the code; falls back to CSR where it cannot)
+    or "dense". The report says per conv which kernel it got and why.
+    """
     if not isinstance(mod, tvm.IRModule) or "main" not in [g.name_hint for g in mod.get_global_vars()]:
         raise TypeError("build expects a Relax IRModule with a 'main' function (see escort_tvm.from_onnx)")
     if not min_sparsity >= 0.0:  # values above 1 mean "keep every conv dense"
@@ -126,7 +131,7 @@ def build(mod: tvm.IRModule, params: dict | None = None, target=None, *, min_spa
     if len(mod["main"].params) != n_in:
         raise ValueError("the module still has unbound weight parameters")
     mod = relax.transform.FoldConstant()(mod)
-    mod, report = rewrite_sparse_convs(mod, target, min_sparsity, log.lookup if log else None, names)
+    mod, report = rewrite_sparse_convs(mod, target, min_sparsity, None, names, kernel=kernel, tuning_log=log)
     meta = {"inputs": signature, "target": str(target.kind.name), "report": [r.as_dict() for r in report]}
     mod[METADATA_FUNC] = _metadata_func(meta)
     if target.kind.name == "cuda":
@@ -144,5 +149,5 @@ def check_device_kernels(ex, report: list[ConvReport]) -> None:
     """TVM compiles an unscheduled PrimFunc for the host without a word: make sure ours went to the GPU."""
     source = "".join(m.inspect_source() for m in _all_modules(ex.mod) if m.kind == "cuda")
     for r in report:
-        if r.kernel == "sparse" and f"{r.function or f'escort_sparse_conv{r.index}'}_kernel" not in source:
+        if r.kernel != "dense" and f"{r.function or f'escort_sparse_conv{r.index}'}_kernel" not in source:
             raise RuntimeError(f"sparse kernel for conv {r.index} was not compiled as a GPU kernel")

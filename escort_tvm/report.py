@@ -16,7 +16,7 @@ class ConvReport:
     # scaling keeps every zero; it can only underflow a tiny weight to zero, which ``notes`` then says)
     sparsity: float | None = None
     nnz: int | None = None
-    kernel: str = "dense"  # "sparse" or "dense"
+    kernel: str = "dense"  # "sparse" (CSR kernel), "specialized" (weights in the code) or "dense"
     reason: str = ""  # why dense, in plain words; empty for sparse
     # what the sparse kernel took over, in its order: "bn" (BatchNormalization folded into weight and
     # bias), "bias", "residual" (an add of a tensor of the output's shape), "relu"; empty for dense
@@ -42,6 +42,7 @@ def _shape(s) -> str:
 
 
 def format_report(entries) -> str:
-    n_sparse = sum(e.kernel == "sparse" for e in entries)
-    head = f"{len(entries)} conv2d: {n_sparse} sparse, {len(entries) - n_sparse} dense"
+    counts = {k: sum(e.kernel == k for e in entries) for k in ("sparse", "specialized", "dense")}
+    kinds = ", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "specialized")
+    head = f"{len(entries)} conv2d: {kinds}"
     return "\n".join([head] + [e.line() for e in entries])

@@ -24,7 +24,9 @@ from escort_tvm.compute import Epilogue
 from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.report import ConvReport
 from escort_tvm.sparse_format import SparseConvWeight
-from schedules import rule_for
+from schedules import rules_for
+
+from .kernel_choice import KernelChooser
 
 KnobLookup = Callable[[ConvSpec, SparseConvWeight, str], "dict | None"]  # (spec, weight, rule) -> knob values
 
@@ -276,12 +278,15 @@ def conv_weight_names(func: relax.Function) -> list[str | None]:
 
 
 def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str] | None = None,
-               rule=None, knob_lookup: KnobLookup | None = None):
-    """Decide, for every conv2d in ``func``, sparse or dense; returns (report, {chain end var: site}).
+               rule=None, knob_lookup: KnobLookup | None = None, chooser: KernelChooser | None = None):
+    """Decide, for every conv2d in ``func``, which kernel; returns (report, {chain end var: site}).
 
-    With a schedule ``rule``, each sparse site also gets its KernelPlan (knobs from ``knob_lookup``
-    or the rule's defaults), and a conv whose kernel input would not fit 32-bit indexing stays dense.
+    With a ``chooser`` (or a single schedule ``rule``, knobs from ``knob_lookup`` or its defaults),
+    each site also gets its KernelPlan; a conv whose kernel input would not fit 32-bit indexing, or
+    that no kernel takes, stays dense. Without either, sites are planned but not scheduled.
     """
+    if chooser is None and rule is not None:
+        chooser = KernelChooser([rule], kernel=rule.kernel, knob_lookup=knob_lookup)
     values, counts = _uses(func)
     users = _users(values)
     report, sites, claimed = [], {}, set()
@@ -311,15 +316,19 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
             continue
         epilogue = Epilogue(relu=chain.relu, residual=chain.residual is not None)
         weight_fmt = SparseConvWeight.from_dense(w, spec.groups)
-        plan = None
-        if rule is not None:
-            tuned = knob_lookup(spec, weight_fmt, rule.name) if knob_lookup else None
-            plan = rule.apply(spec, weight_fmt, epilogue, rule.Knobs.from_dict(tuned) if tuned else None)
+        plan, kind = None, "sparse"
+        if chooser is not None:
+            plan, notes = chooser.plan(spec, weight_fmt, epilogue)
+            if plan is None:
+                entry.reason = "; ".join(notes) or "no sparse kernel takes this conv"
+                continue
+            entry.notes.extend(notes)
+            kind = chooser.rules_by_name[plan.rule].kernel
             if max((spec.N + plan.extra_images) * spec.C * plan.hp * plan.wp,
                    spec.N * spec.K * spec.OH * spec.OW) >= 2**31:
                 entry.reason = "input or output too large for the kernel's 32-bit indexing"
                 continue
-        entry.kernel, entry.fused = "sparse", chain.fused
+        entry.kernel, entry.fused = kind, chain.fused
         if chain.add is not None:
             claimed.add(chain.add)
         sites[chain.end] = _Site(entry, spec, call.args[0], weight_fmt, chain.bias.astype(np.float32), epilogue,
@@ -360,14 +369,17 @@ class _Rewriter(relax.PyExprMutator):
 
 def rewrite_sparse_convs(mod: tvm.IRModule, target, min_sparsity: float = 0.7,
                          knob_lookup: KnobLookup | None = None, param_names: list[str] | None = None,
-                         func_name: str = "main"):
+                         func_name: str = "main", *, kernel: str = "auto", tuning_log=None,
+                         specialized_budget: int | None = None):
     """Rewrite ``mod[func_name]``; returns (new module, per-conv report).
 
     The module should already have its parameters bound and constants folded, so that weights
-    computed from constant subgraphs are visible as constants.
+    computed from constant subgraphs are visible as constants. ``kernel`` forces one kind
+    ("sparse", "specialized", "dense") or lets the chooser decide ("auto").
     """
-    rule = rule_for(target)
-    report, sites = plan_sites(mod[func_name], min_sparsity, param_names, rule, knob_lookup)
+    extra = {} if specialized_budget is None else {"specialized_budget": specialized_budget}
+    chooser = KernelChooser(rules_for(target), kernel, tuning_log, knob_lookup, **extra)
+    report, sites = plan_sites(mod[func_name], min_sparsity, param_names, chooser=chooser)
     if not sites:
         return mod, report
     rewriter = _Rewriter(mod, sites)

@@ -16,5 +16,13 @@ def rule_for(target) -> SparseConvRule:
     raise ValueError(f"no sparse-conv schedule for target kind {target.kind.name!r}")
 
 
-__all__ = ["KernelPlan", "Knobs", "SparseConvRule", "SparseConvCPU", "CPUKnobs",
+def rules_for(target) -> list[SparseConvRule]:
+    """Every sparse-conv rule that takes a tvm Target (one per kernel kind)."""
+    rules = [r for r in RULES if r.is_target(target)]
+    if not rules:
+        raise ValueError(f"no sparse-conv schedule for target kind {target.kind.name!r}")
+    return rules
+
+
+__all__ = ["rules_for", "KernelPlan", "Knobs", "SparseConvRule", "SparseConvCPU", "CPUKnobs",
            "SparseConvCUDA", "CUDAKnobs", "SpecializedCUDA", "SpecializedKnobs", "RULES", "rule_for"]

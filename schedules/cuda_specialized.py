@@ -134,8 +134,33 @@ class SpecializedCUDA(SparseConvRule):
         return KernelPlan(func, spec.H, spec.W, (), self.name, knobs, spec, padded_input=False)
 
 
+def _tree(T, var, keys: list[int], leaf, exact: bool):
+    """Binary tree of block-uniform branches on ``var`` over sorted ``keys``; ``leaf(key)`` emits a case.
+
+    ``exact``: ``var`` may take values outside ``keys``, so each leaf also checks equality.
+    """
+    if len(keys) == 1:
+        if exact:
+            with T.If(var == keys[0]):
+                with T.Then():
+                    leaf(keys[0])
+        else:
+            leaf(keys[0])
+        return
+    mid = len(keys) // 2
+    with T.If(var < keys[mid]):
+        with T.Then():
+            _tree(T, var, keys[:mid], leaf, exact)
+        with T.Else():
+            _tree(T, var, keys[mid:], leaf, exact)
+
+
 def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue: Epilogue, k: SpecializedKnobs):
-    """Emit the PrimFunc ``(x[N,C,H,W], bias[K], [residual[N,K,OH,OW]], y[N,K,OH,OW])``."""
+    """Emit the PrimFunc ``(x[N,C,H,W], bias[K], [residual[N,K,OH,OW]], y[N,K,OH,OW])``.
+
+    Staged: a run-time loop over the group's channel chunks stages each chunk once (one copy of that
+    code), then branches to the group's taps of that chunk, so code size is the taps plus a constant.
+    """
     import tvm
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as T
@@ -153,8 +178,12 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     NS = -(-SR * SC // NT)  # staging slots per thread
     PP = NS * NT  # staged floats per channel
     residual = getattr(epilogue, "residual", False)
+    KG = max(g.size for g in groups)
     f32 = lambda v: tvm.tirx.FloatImm("float32", v)  # noqa: E731
     i32 = lambda v: tvm.tirx.IntImm("int32", v)  # noqa: E731
+    # Chunk range per group: the input channels its conv group sees.
+    Cg, Kg = spec.Cg, spec.K // spec.groups
+    chunk_range = [((g.first // Kg) * Cg // CC, -(-((g.first // Kg) + 1) * Cg // CC)) for g in groups]
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -175,63 +204,82 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 tile_r, tile_c = bx // geo.tiles_x, bx % geo.tiles_x
                 oh, ow = tile_r * TY + ty, tile_c * TX + tx  # in flat mode oh == 0 and ow is the pixel
                 in_out = tvm.tirx.all(oh < geo.OH, ow < geo.OW)
-                acc = T.alloc_buffer((max(g.size for g in groups),), "float32", scope="local")
+                acc = T.alloc_buffer((KG,), "float32", scope="local")
                 val = T.alloc_buffer((1,), "float32", scope="local")
+                for j in range(KG):
+                    T.buffer_store(acc, f32(0.0), [i32(j)])
+
+                def fmas(t, tap_value):
+                    T.buffer_store(val, tap_value, [i32(0)])
+                    for j, w in t.fmas:
+                        T.buffer_store(acc, acc[j] + val[0] * f32(w), [i32(j)])
+
                 if k.stage_input:
                     sm = T.alloc_buffer((CC * PP,), "float32", scope="shared")
+                    lim = T.alloc_buffer((2,), "int32", scope="local")  # this group's chunk range
+
+                    def set_range(gi):
+                        T.buffer_store(lim, i32(chunk_range[gi][0]), [i32(0)])
+                        T.buffer_store(lim, i32(chunk_range[gi][1]), [i32(1)])
+
+                    _tree(T, by, list(range(len(groups))), set_range, exact=False)
                     tid = ty * TX + tx
                     row0, col0 = tile_r * (TY * sh) - pt, tile_c * (TX * sw) - pl
-                    slots = []
-                    for i in range(NS):
-                        p = tid + i * NT
-                        gh, gw = row0 + p // SC, col0 + p % SC
-                        ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE)
-                        slots.append((p, gh * WE + gw, ok))
                     sbase = (ty * sh) * SC + tx * sw
+                    with T.serial(0, lim[1] - lim[0]) as i:
+                        ci = lim[0] + i
+                        for slot in range(NS):
+                            p = tid + slot * NT
+                            gh, gw = row0 + p // SC, col0 + p % SC
+                            for cc in range(CC):
+                                ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE, ci * CC + cc < C)
+                                src = xf[(n * C + ci * CC + cc) * HW + gh * WE + gw]
+                                T.buffer_store(sm, tvm.tirx.if_then_else(ok, src, f32(0.0)), [cc * PP + p])
+                        T.evaluate(T.tvm_storage_sync("shared"))
+
+                        def group_chunks(gi):
+                            g = groups[gi]
+                            per_chunk = dict(g.chunks(CC))
+
+                            def chunk_taps(chunk):
+                                for t in per_chunk[chunk]:
+                                    off = (t.c - chunk * CC) * PP + (t.kh * dh) * SC + t.kw * dw
+                                    fmas(t, sm[sbase + off])
+
+                            if per_chunk:
+                                _tree(T, ci, sorted(per_chunk), chunk_taps, exact=True)
+
+                        _tree(T, by, [gi for gi, g in enumerate(groups) if g.taps] or [0], group_chunks,
+                              exact=not all(g.taps for g in groups))
+                        T.evaluate(T.tvm_storage_sync("shared"))
                 else:
                     ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
+                    padded = any(spec.pad)
 
-                def load_direct(c, kh, kw):
-                    if geo.flat:
-                        return xf[(n * C + c) * HW + owc]
-                    ih, iw = ohc * sh + (kh * dh - pt), owc * sw + (kw * dw - pl)
-                    v = xf[((n * C + c) * H + ih) * W + iw]
-                    conds = []
-                    if pt > 0 or pl > 0 or spec.pad[2] > 0 or spec.pad[3] > 0:
-                        conds = [ih >= 0, ih < H, iw >= 0, iw < W]
-                    return tvm.tirx.if_then_else(tvm.tirx.all(*conds), v, f32(0.0)) if conds else v
+                    def load_direct(t):
+                        if geo.flat:
+                            return xf[(n * C + t.c) * HW + owc]
+                        ih, iw = ohc * sh + (t.kh * dh - pt), owc * sw + (t.kw * dw - pl)
+                        v = xf[(n * C + t.c) * HW + ih * W + iw]
+                        if not padded:
+                            return v
+                        return tvm.tirx.if_then_else(tvm.tirx.all(ih >= 0, ih < H, iw >= 0, iw < W), v, f32(0.0))
 
-                def emit_group(g: ChannelGroup):
-                    for j in range(g.size):
-                        T.buffer_store(acc, f32(0.0), [i32(j)])
-                    if k.stage_input:
-                        for ci, (chunk, taps) in enumerate(g.chunks(CC)):
-                            c0 = chunk * CC
-                            if ci:
-                                T.evaluate(T.tvm_storage_sync("shared"))
-                            for cc in range(min(CC, C - c0)):
-                                for p, off, ok in slots:
-                                    src = xf[(n * C + c0 + cc) * HW + off]
-                                    T.buffer_store(sm, tvm.tirx.if_then_else(ok, src, f32(0.0)), [cc * PP + p])
-                            T.evaluate(T.tvm_storage_sync("shared"))
-                            for t in taps:
-                                T.buffer_store(val, sm[sbase + ((t.c - c0) * PP + (t.kh * dh) * SC + t.kw * dw)],
-                                               [i32(0)])
-                                for j, w in t.fmas:
-                                    T.buffer_store(acc, acc[j] + val[0] * f32(w), [i32(j)])
-                    else:
-                        for t in g.taps:
-                            T.buffer_store(val, load_direct(t.c, t.kh, t.kw), [i32(0)])
-                            for j, w in t.fmas:
-                                T.buffer_store(acc, acc[j] + val[0] * f32(w), [i32(j)])
+                    def group_taps(gi):
+                        for t in groups[gi].taps:
+                            fmas(t, load_direct(t))
+
+                    with_taps = [gi for gi, g in enumerate(groups) if g.taps]
+                    if with_taps:
+                        _tree(T, by, with_taps, group_taps, exact=len(with_taps) < len(groups))
+
+                def store(gi):
+                    g = groups[gi]
                     with T.If(in_out):
                         with T.Then():
                             for j in range(g.size):
                                 kk = g.first + j
-                                if geo.flat:
-                                    o = (n * K + kk) * (OH * OW) + ow
-                                else:
-                                    o = ((n * K + kk) * OH + oh) * OW + ow
+                                o = (n * K + kk) * (OH * OW) + (ow if geo.flat else oh * OW + ow)
                                 v = acc[j] + bias[kk]
                                 if residual:
                                     v = v + rf[o]
@@ -239,16 +287,5 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                                     v = T.max(v, f32(0.0))
                                 T.buffer_store(yf, v, [o])
 
-                def emit_tree(lo: int, hi: int):
-                    if hi - lo == 1:
-                        emit_group(groups[lo])
-                        return
-                    mid = (lo + hi) // 2
-                    with T.If(by < mid):
-                        with T.Then():
-                            emit_tree(lo, mid)
-                        with T.Else():
-                            emit_tree(mid, hi)
-
-                emit_tree(0, len(groups))
+                _tree(T, by, list(range(len(groups))), store, exact=False)
     return ib.get()

@@ -452,10 +452,10 @@ def test_plan_sites_bn_tuple_items(rng, training, use_mean, fused):
 
 
 def test_cuda_build_shares_identical_kernels(rng):
-    """Convs with identical kernels (same shape, nnz and epilogue; weights are arguments) share one function.
+    """Convs with identical CSR kernels (same shape, nnz and epilogue; weights are arguments) share one function.
     Regression: the device-kernel check looked for one kernel per conv index and failed the whole build."""
     model, _ = _bottleneck(rng, N=1)
-    built = build_onnx(model, "cuda")
+    built = build_onnx(model, "cuda", kernel="sparse")
     rep = built.report
     assert [r.kernel for r in rep] == ["sparse"] * 7
     functions = [r.function for r in rep]
