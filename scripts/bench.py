@@ -1,26 +1,36 @@
 #!/usr/bin/env python3
 """Benchmark the sparse direct-convolution CUDA kernels against dense and lowering baselines.
 
-Built here, timed on the GPU machine (which has PyTorch but only TVM's runtime):
+Built here, timed on the GPU machine (which has PyTorch but only TVM's runtime). One prepared folder per
+batch keeps each within one device call's carry (64 MiB with .devbundle's ~24 MB):
 
-    python scripts/bench.py prepare [--layers A,B] [--batches 1,32] [--variants default|all|N] [--quick]
-    source .devbundle/activate && python3 scripts/bench.py measure --out $OUT      # GPU machine
+    python scripts/bench.py prepare --batches 1 --bench-dir .gpu/bench_b1 --variants 4 [--spec-variants ...]
+    python scripts/bench.py prepare --batches 32 --bench-dir .gpu/bench_b32 --variants 4
+    # GPU machine, carry [".devbundle", ".gpu/bench_b1"] (then the same with bench_b32):
+    source .devbundle/activate && python3 scripts/bench.py measure --bench-dir .gpu/bench_b1 --out $OUT
+    python scripts/bench.py merge out_b1/ out_b32/ --out docs/bench                  # one report
     python scripts/bench.py check                                                  # self-check, no GPU
 
-``prepare`` makes a seeded random weight per (layer, sparsity), prunes it by magnitude, schedules one
-kernel per case and knob variant with ``schedules.SparseConvCUDA``, compiles all of them once into
-``kernels.so`` (sm_90 fatbin), compiles TVM's own dense conv2d (Relax, default dlight pipeline) for
-every shape into ``dense.so``, and writes ``manifest.json``, the weights (``weights_<g>.npz``: the
-dense pruned weight, the bias and every kernel weight array, shared by the cases and variants that use
-them) and the kernels' nvcc resource usage (``resources.txt``; ``kernels.cu``/``kernels.cubin`` too).
+``prepare`` makes a seeded random weight per (layer, sparsity), prunes it by magnitude, and builds our two
+kernels for every case: the CSR kernel (``schedules.SparseConvCUDA``), one per knob variant, compiled all
+at once into ``kernels.so`` (sm_90 fatbin); and, where the layer has at most MAX_NONZEROS nonzeros, the
+kernel specialised to the weights (``schedules.SpecializedCUDA``: default knobs and one-knob changes of
+them, ``--spec-variants``), each compiled in a ``tvm.compile`` of its own (in child processes, ``--jobs``
+at a time, through a content-keyed cache, ``--spec-cache``), recording its compile seconds, code size and
+ptxas report, exported and carried as ``spec_<symbol>.so.xz``. It also compiles TVM's own dense conv2d
+(Relax, default dlight pipeline) for every shape into ``dense.so``, and writes ``manifest.json``, the
+weights (``weights_<g>.npz``: the dense pruned weight, the bias and every CSR kernel weight array, shared by
+the cases and variants that use them) and the kernels' nvcc resource usage (``resources.txt``;
+``kernels.cu``/``kernels.cubin`` of the CSR kernels too).
 
-``measure`` imports neither ``tvm.relax`` nor ``escort_tvm.compiler``: it loads the two libraries with
-the TVM runtime, makes the inputs with torch, checks every kernel variant against a float64
-``F.conv2d`` on the dense pruned weight (output poisoned with NaN first), times the passing ones and
-the baselines of ``../shared/anchors/measure_anchors.py`` in the same process, and writes
-``bench.json``, ``bench.md`` and ``speedup.png`` under ``--out``. The timed work runs in a child
-process; a CUDA error that kills the context is recorded as a crash of that kernel and the run
-continues in a fresh child.
+``measure`` imports neither ``tvm.relax`` nor ``escort_tvm.compiler``: it loads the libraries with the TVM
+runtime, makes the inputs with torch, checks every kernel variant against a float64 ``F.conv2d`` on the
+dense pruned weight (output poisoned with NaN first), times the passing ones and the baselines of
+``../shared/anchors/measure_anchors.py`` in the same process, and writes ``bench.json``, ``bench.md`` and
+``speedup.png`` under ``--out``: per layer the CSR kernel (+ the pad op it needs), the specialised kernel
+(which pads on chip), the best of the two, and issue 3's targets checked on the best. The timed work runs
+in a child process; a CUDA error that kills the context is recorded as a crash of that kernel and the run
+continues in a fresh child. ``merge`` makes one report of several runs' ``bench.json``.
 """
 from __future__ import annotations
 
@@ -575,9 +585,11 @@ def build_specialized(job: dict) -> dict:
             "nvcc_command": cc["command"], "ptxas_report": cc["report"][-2000:]}
 
 
-def build_specialized_all(jobs: list[dict], cache_dir: Path, n_jobs: int = 1) -> list[dict]:
-    """Run ``build_specialized`` for every job in child processes (``n_jobs`` at a time), through a content-keyed
-    cache in ``cache_dir``; each job's .so.xz is copied to ``job['dest']``. Returns the results in job order."""
+def build_specialized_all(jobs: list[dict], cache_dir: Path, n_jobs: int = 1, timeout_s: float | None = None) -> list[dict]:
+    """Run ``build_specialized`` for every job in child processes (``n_jobs`` at a time, fewest nonzeros first),
+    through a content-keyed cache in ``cache_dir``; each job's .so.xz is copied to ``job['dest']``. A build
+    that runs past ``timeout_s`` is killed and recorded as ``timeout`` (cached with that limit: a later run
+    with a longer limit tries again). Returns the results in job order."""
     import concurrent.futures as cf
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -603,25 +615,42 @@ def build_specialized_all(jobs: list[dict], cache_dir: Path, n_jobs: int = 1) ->
         meta, so = cache_dir / f"{job['key']}.json", cache_dir / f"{job['key']}.so.xz"
         if meta.exists():
             res = json.loads(meta.read_text())
-            if res.get("status") == "refused" or (res.get("status") == "ok" and so.exists()):
+            if res.get("status") == "refused" or (res.get("status") == "ok" and so.exists()) or (
+                    res.get("status") == "timeout" and timeout_s is not None and res["timeout_s"] >= timeout_s):
                 return dict(res, cached=True)
         jf = cache_dir / f"{job['key']}.job.json"
         jf.write_text(json.dumps(dict(job["build"], out=str(so))))
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_spec_build", "--job", str(jf)],
-                           capture_output=True, text=True, cwd=ROOT)
+        t0 = time.time()
+        # a session of its own, so a timeout ends the build's whole process group (python, nvcc, cicc, ptxas)
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_spec_build", "--job", str(jf)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            jf.unlink(missing_ok=True)
+            res = {"status": "timeout", "timeout_s": timeout_s, "nnz": job.get("nnz"),
+                   "reason": f"build (schedule + TVM lowering + nvcc) still running after {timeout_s:.0f} s "
+                             f"(wall, {n_jobs} build(s) at a time): killed"}
+            meta.write_text(json.dumps(res, indent=1))
+            return res
         jf.unlink(missing_ok=True)
         try:
-            res = json.loads(p.stdout.strip().splitlines()[-1])
+            res = json.loads(stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
-            return {"status": "error", "error": f"exit {p.returncode}: {(p.stderr or p.stdout)[-1500:]}"}
+            return {"status": "error", "error": f"exit {proc.returncode} after {time.time() - t0:.0f} s: "
+                                                f"{(stderr or stdout)[-1500:]}"}
         if res.get("status") in ("ok", "refused"):
             tmp = meta.with_name(meta.name + f".tmp-{os.getpid()}")
             tmp.write_text(json.dumps(res, indent=1))
             tmp.replace(meta)
         return res
 
+    order = sorted(range(len(jobs)), key=lambda k: (jobs[k].get("nnz") or 0, k))
     with cf.ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
-        futs = {pool.submit(run_one, k): k for k in range(len(jobs))}
+        futs = {pool.submit(run_one, k): k for k in order}
         for f in cf.as_completed(futs):
             k = futs[f]
             try:
@@ -634,7 +663,7 @@ def build_specialized_all(jobs: list[dict], cache_dir: Path, n_jobs: int = 1) ->
 
 def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_kernels: int = 1000,
             command: str = "", spec_variants: str = SPEC_VARIANTS, spec_max_nnz: int | None = None,
-            jobs: int = 1, spec_cache: Path | None = None) -> dict:
+            jobs: int = 1, spec_cache: Path | None = None, spec_timeout_s: float | None = None) -> dict:
     """Build everything the GPU side needs into ``bench_dir`` (replaced as a whole); returns the manifest.
 
     ``spec_variants``: the specialised kernel's variants (``default`` first, then names of SPEC_CHANGES; ``none``:
@@ -745,7 +774,7 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                 kd = sv["knobs"].as_dict()
                 key = spec_cache_key(spec.to_dict(), kd, epi, g["arrays"]["dense"], TARGET)
                 sym = f"escort_spec_{key[:16]}"
-                spec_jobs.append({"key": key, "case": i, "index": j, "name": sv["name"],
+                spec_jobs.append({"key": key, "case": i, "index": j, "name": sv["name"], "nnz": g["nnz"],
                                   "dest": str(tmp / f"spec_{sym}.so.xz"),
                                   "label": f"case {i} {case['layer']} N={spec.N} sp={case['sparsity']:.2f} {sv['name']}",
                                   "build": {"spec": spec.to_dict(), "weights": str(g["spec_weights"]), "knobs": kd,
@@ -842,7 +871,7 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
     if spec_jobs:
         cache = Path(spec_cache) if spec_cache else DEFAULT_SPEC_CACHE
         log(f"building {len(spec_jobs)} specialised kernels, one module each, {jobs} at a time (cache {cache})")
-        results = build_specialized_all(spec_jobs, cache, jobs)
+        results = build_specialized_all(spec_jobs, cache, jobs, spec_timeout_s)
         lines += [f"# specialised kernels ({srule.name}), one module each, nvcc as TVM runs it "
                   f"({results[0].get('nvcc_command', '?') if results else ''}); SASS = .text of the kernel in its cubin",
                   f"{'':1s} {'case':>4s} {'layer':20s} {'N':>3s} {'sp':>5s} {'var':>10s} {'nnz':>6s} {'regs':>5s} "
@@ -894,7 +923,7 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                       "compile_dense": round(t_dense, 1), "resources": round(t_res, 1),
                       "specialized": round(t_spec, 1)},
         "specialized": {"rule": srule.name, "variants": spec_variants if use_spec else "none",
-                        "max_nnz": spec_max_nnz, "jobs": jobs,
+                        "max_nnz": spec_max_nnz, "jobs": jobs, "timeout_s": spec_timeout_s,
                         "kernels": sum(len(e["specialized"]["variants"]) for e in entries),
                         "files": "spec_<symbol>.so.xz: one exported .so per kernel, xz-compressed (lzma)"},
         "cases": entries,
@@ -2014,7 +2043,10 @@ def measure_driver(args) -> int:
     for name in ("resources.txt",):
         if (bench_dir / name).exists():
             shutil.copy(bench_dir / name, out / name)
-    command = MEASURE_CMD if not args.cases else MEASURE_CMD + f" --cases {args.cases}"
+    command = MEASURE_CMD.replace(" measure ", f" measure --bench-dir {args.bench_dir} ")
+    for flag, val in (("--cases", args.cases), ("--budget-s", args.budget_s), ("--ours-metric", args.ours_metric)):
+        if val is not None:
+            command += f" {flag} {val}"
     cmd = [sys.executable, str(Path(__file__).resolve()), "measure", "--worker", "--bench-dir", str(bench_dir),
            "--out", str(out), "--budget-s", str(args.budget_s), "--ours-metric", args.ours_metric]
     if args.cases:
@@ -2138,6 +2170,8 @@ def main(argv=None) -> int:
                         "(default and upper bound: schedules.cuda_specialized.MAX_NONZEROS)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="specialised kernels compiled at a time (child processes)")
+    p.add_argument("--spec-timeout", type=float, default=1800.0,
+                   help="wall seconds one specialised kernel's build may take before it is killed and reported")
     p.add_argument("--spec-cache", default=str(DEFAULT_SPEC_CACHE),
                    help="compile cache of specialised kernels (content-keyed; keep it out of the carried folder)")
     m = sub.add_parser("measure", help="check and time on the GPU machine (TVM runtime only)")
@@ -2171,7 +2205,8 @@ def main(argv=None) -> int:
         cmd = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
         sv = a.spec_variants or ("default" if a.quick else SPEC_VARIANTS)
         prepare(Path(a.bench_dir), cases, variants=a.variants, max_kernels=a.max_kernels, command=cmd,
-                spec_variants=sv, spec_max_nnz=a.spec_max_nnz, jobs=a.jobs, spec_cache=Path(a.spec_cache))
+                spec_variants=sv, spec_max_nnz=a.spec_max_nnz, jobs=a.jobs, spec_cache=Path(a.spec_cache),
+                spec_timeout_s=a.spec_timeout)
         return 0
     if a.cmd == "_spec_build":
         try:

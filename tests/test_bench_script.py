@@ -221,3 +221,22 @@ def test_elf_section_sizes_reads_a_cubin(tmp_path):
     secs = bench.elf_section_sizes((tmp_path / "k.cubin").read_bytes())
     assert 0 < secs[".text.k_kernel"] < (tmp_path / "k.cubin").stat().st_size
     assert secs[".text.k_kernel"] % 16 == 0  # sm_90 instructions are 16 bytes
+
+
+def test_specialized_build_timeout_is_recorded_and_cached(tmp_path):
+    """A build past --spec-timeout is killed and reported (and not retried under the same limit)."""
+    bench = _bench_module()
+    spec = {"N": 1, "C": 4, "H": 6, "W": 6, "K": 4, "KH": 3, "KW": 3, "stride": [1, 1], "pad": [1, 1, 1, 1],
+            "dilation": [1, 1], "groups": 1}
+    import numpy as np
+
+    np.savez(tmp_path / "w.npz", dense=np.ones((4, 4, 3, 3), np.float32))
+    job = {"key": "k0", "label": "tiny", "nnz": 144, "dest": str(tmp_path / "x.so.xz"),
+           "build": {"spec": spec, "weights": str(tmp_path / "w.npz"), "knobs": {}, "symbol": "s0",
+                     "epilogue": {"relu": False, "residual": False}, "target": bench.TARGET}}
+    (res,) = bench.build_specialized_all([job], tmp_path / "cache", 1, timeout_s=0.5)  # TVM's import alone is longer
+    assert res["status"] == "timeout" and "killed" in res["reason"], res
+    assert json.loads((tmp_path / "cache" / "k0.json").read_text())["timeout_s"] == 0.5
+    (again,) = bench.build_specialized_all([job], tmp_path / "cache", 1, timeout_s=0.5)
+    assert again["status"] == "timeout" and again["cached"]
+    assert not (tmp_path / "x.so.xz").exists()
