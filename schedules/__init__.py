@@ -2,10 +2,11 @@
 from .base import KernelPlan, Knobs, SparseConvRule
 from .cpu import CPUKnobs, SparseConvCPU
 from .cuda import CUDAKnobs, SparseConvCUDA
+from .cpu_specialized import SpecializedCPU, SpecializedCPUKnobs
 from .cuda_specialized import SpecializedCUDA, SpecializedKnobs
 
 # Per target, the CSR rule comes first: it takes every conv; the specialised rule refuses some.
-RULES: tuple[SparseConvRule, ...] = (SparseConvCUDA(), SpecializedCUDA(), SparseConvCPU())
+RULES: tuple[SparseConvRule, ...] = (SparseConvCUDA(), SpecializedCUDA(), SparseConvCPU(), SpecializedCPU())
 
 
 def rule_for(target) -> SparseConvRule:
@@ -25,4 +26,4 @@ def rules_for(target) -> list[SparseConvRule]:
 
 
 __all__ = ["rules_for", "KernelPlan", "Knobs", "SparseConvRule", "SparseConvCPU", "CPUKnobs",
-           "SparseConvCUDA", "CUDAKnobs", "SpecializedCUDA", "SpecializedKnobs", "RULES", "rule_for"]
+           "SparseConvCUDA", "CUDAKnobs", "SpecializedCUDA", "SpecializedKnobs", "SpecializedCPU", "SpecializedCPUKnobs", "RULES", "rule_for"]

@@ -101,7 +101,7 @@ def test_cuda_dict_without_arch_builds(conv_model, tmp_path):
     built = escort_tvm.build(mod, params, {"kind": "cuda"})
     want = ("sm_" + tvm.cuda(0).compute_version.replace(".", "")) if tvm.cuda(0).exist else "sm_90"
     assert str(built.target.attrs["arch"]) == want
-    assert built.report[0].kernel == "sparse"
+    assert built.report[0].kernel in ("sparse", "specialized")
     assert carries_gpu_binary(built.export_library(tmp_path / "m.so"))
 
 
