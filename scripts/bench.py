@@ -2192,6 +2192,10 @@ def main(argv=None) -> int:
     c.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     sb = sub.add_parser("_spec_build", help=argparse.SUPPRESS)
     sb.add_argument("--job", required=True)
+    rp = sub.add_parser("report", help="rebuild bench.json/bench.md from a measure output's raw.jsonl (no GPU)")
+    rp.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR))
+    rp.add_argument("--out", required=True, help="the measure output folder (holds raw.jsonl)")
+    rp.add_argument("--ours-metric", choices=["dobench", "stream"], default="dobench")
     mg = sub.add_parser("merge", help="one report from several measure outputs (bench.json files)")
     mg.add_argument("inputs", nargs="+", help="bench.json files (or folders holding one)")
     mg.add_argument("--out", required=True)
@@ -2221,6 +2225,12 @@ def main(argv=None) -> int:
         return measure_worker(a) if a.worker else measure_driver(a)
     if a.cmd == "check":
         return cmd_check(a)
+    if a.cmd == "report":
+        manifest = json.loads((Path(a.bench_dir) / "manifest.json").read_text())
+        cmd = MEASURE_CMD.replace(" measure ", f" measure --bench-dir {a.bench_dir} ") + " (report rebuilt from raw.jsonl)"
+        res = write_reports(Path(a.out), manifest, a.ours_metric, cmd, plot=True)
+        log(f"wrote {Path(a.out) / 'bench.md'}: {len(res['rows'])} rows")
+        return 0
     if a.cmd == "merge":
         ins = [Path(x) / "bench.json" if Path(x).is_dir() else Path(x) for x in a.inputs]
         res = merge_reports(ins, Path(a.out))

@@ -180,6 +180,13 @@ def test_reports_best_of_ours_and_targets(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "specialized 4.00x" in md and "CSR 2.00x" in md and "290 nonzeros > 100" in md
     assert "cpt_half" in md and "FAIL" in md and "**met**" in md
+    # `report` rebuilds the same from raw.jsonl and the prepared folder's manifest (no GPU)
+    bdir = tmp_path / "prepared"
+    bdir.mkdir()
+    (bdir / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "bench.md").unlink()
+    assert bench.main(["report", "--bench-dir", str(bdir), "--out", str(tmp_path)]) == 0
+    assert "specialized 4.00x" in (tmp_path / "bench.md").read_text()
     # a second run (another batch, as from a second prepared folder) merges into one report
     other = tmp_path / "b1"
     other.mkdir()
