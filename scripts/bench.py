@@ -482,6 +482,14 @@ def _nvcc_version() -> str:
     return _NVCC_VERSION
 
 
+def spec_sources_sha() -> str:
+    """Hash of the files a specialised kernel's code depends on (SPEC_SOURCES)."""
+    h = hashlib.sha1()
+    for f in SPEC_SOURCES:
+        h.update((ROOT / f).read_bytes())
+    return h.hexdigest()
+
+
 def spec_cache_key(spec_d: dict, knobs_d: dict, epilogue_d: dict, dense, target: dict) -> str:
     """Content hash of one specialised kernel build: inputs, the code that renders it, TVM, nvcc and its flags."""
     import tvm
@@ -491,8 +499,7 @@ def spec_cache_key(spec_d: dict, knobs_d: dict, epilogue_d: dict, dense, target:
                          "tvm": getattr(tvm, "__version__", "?"), "nvcc": _nvcc_version(),
                          "flags": nvcc_flags("fatbin", target["arch"])}, sort_keys=True, default=str).encode())
     h.update(str(dense.dtype).encode() + str(dense.shape).encode() + dense.tobytes())
-    for f in SPEC_SOURCES:
-        h.update((ROOT / f).read_bytes())
+    h.update(spec_sources_sha().encode())
     return h.hexdigest()[:20]
 
 
@@ -530,6 +537,9 @@ def build_specialized(job: dict) -> dict:
     from schedules import SpecializedCUDA
     from schedules.unrolled import program_stats, unrolled_program
 
+    if job.get("sources_sha") and job["sources_sha"] != spec_sources_sha():
+        return {"symbol": job["symbol"], "status": "error",
+                "error": "schedules/escort_tvm sources changed since this prepare started (its cache key would lie)"}
     prepare_cuda_build()
     rule = SpecializedCUDA()
     spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["spec"].items()})
@@ -689,6 +699,7 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
     spec_max_nnz = MAX_NONZEROS if spec_max_nnz is None else min(int(spec_max_nnz), MAX_NONZEROS)
     use_spec = spec_variants.strip().lower() not in ("", "none")
     spec_jobs: list[dict] = []
+    sources_sha = spec_sources_sha()  # also checked by every build: an edit mid-prepare is an error, not a mix
     bench_dir = Path(bench_dir)
     tmp = bench_dir.parent / f".{bench_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -778,7 +789,8 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                                   "dest": str(tmp / f"spec_{sym}.so.xz"),
                                   "label": f"case {i} {case['layer']} N={spec.N} sp={case['sparsity']:.2f} {sv['name']}",
                                   "build": {"spec": spec.to_dict(), "weights": str(g["spec_weights"]), "knobs": kd,
-                                            "epilogue": epi, "symbol": sym, "target": TARGET}})
+                                            "epilogue": epi, "symbol": sym, "target": TARGET,
+                                            "sources_sha": sources_sha}})
         d0 = ventries[0]
         log(f"case {i:2d} {case['layer']:20s} N={spec.N:<3d} sp={case['sparsity']:.2f} nnz={g['nnz']:<8d} "
             f"{len(ventries)} variant(s), default {d0['knobs']} first input {d0['first_input']['shape']}")
@@ -924,6 +936,7 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                       "specialized": round(t_spec, 1)},
         "specialized": {"rule": srule.name, "variants": spec_variants if use_spec else "none",
                         "max_nnz": spec_max_nnz, "jobs": jobs, "timeout_s": spec_timeout_s,
+                        "sources_sha": sources_sha, "sources": list(SPEC_SOURCES),
                         "kernels": sum(len(e["specialized"]["variants"]) for e in entries),
                         "files": "spec_<symbol>.so.xz: one exported .so per kernel, xz-compressed (lzma)"},
         "cases": entries,
