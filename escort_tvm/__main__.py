@@ -17,6 +17,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--target", default=None, help="llvm or cuda (default: cuda if a GPU is visible, else llvm)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernel", default="auto", choices=("auto", "sparse", "specialized", "dense"),
+                    help="kernel for the pruned convs (default auto: a cost rule picks CSR or specialized)")
     ap.add_argument("--repeat", type=int, default=None,
                     help="timed measurements (default: 10 of 10 runs on a GPU, 3 of 1 run on a CPU)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
         with steps(f"making {args.model} from the zoo (seed {args.seed}) and pruning its convs to {args.sparsity:g}"):
             model = zoo.build(args.model, args.batch, args.image_size, args.sparsity, args.seed)
         res = compare(model, target, number=number, repeat=repeat, seed=args.seed + 1, steps=steps,
-                      name=f"{args.model} (zoo, {args.sparsity:g} sparse)")
+                      name=f"{args.model} (zoo, {args.sparsity:g} sparse)", kernel=args.kernel)
     except (UserError, ValueError, RuntimeError) as e:
         print(f"{PROG}: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 1

@@ -161,7 +161,8 @@ def cmd_compile(a) -> int:
     with steps(f"importing {a.model}"):
         _, mod, params = load_model(a.model, shapes)
     with steps(f"building for {target.kind.name} (sparse rewrite of pruned convs, then TVM compile)"):
-        built = escort_tvm.build(mod, params, target, min_sparsity=a.min_sparsity, tuning_log=a.tuning_log)
+        built = escort_tvm.build(mod, params, target, min_sparsity=a.min_sparsity, tuning_log=a.tuning_log,
+                                 kernel=a.kernel)
     with steps(f"exporting {a.output}"):
         path = built.export_library(a.output)
     print(built.report_text())
@@ -229,12 +230,19 @@ def cmd_inspect(a) -> int:
     from escort_tvm.compiler import bind_params
 
     target = parse_target(a.target)
+    if a.tuning_log is not None and not Path(a.tuning_log).is_file():
+        raise UserError(f"tuning log {a.tuning_log} does not exist")
     model, mod, params = load_model(a.model, parse_shapes(a.input_shape))
     names = conv_weight_names(mod["main"])
     bound, n_in = bind_params(mod, params)
     bound = relax.transform.FoldConstant()(bound)
     # The build's own planning (rewrite without compiling): the report is what `compile` would produce.
-    _, report = rewrite_sparse_convs(bound, target, a.min_sparsity, None, names)
+    log = None
+    if a.tuning_log is not None:
+        from escort_tvm.tuning_log import TuningLog
+
+        log = TuningLog.load(a.tuning_log)
+    _, report = rewrite_sparse_convs(bound, target, a.min_sparsity, None, names, kernel=a.kernel, tuning_log=log)
     if a.json:
         print(json.dumps({"model": str(a.model), "target": target.kind.name, "min_sparsity": a.min_sparsity,
                           "inputs": [[p.name, [int(d) for d in p.ty.shape], str(p.ty.dtype)]
@@ -291,7 +299,7 @@ def cmd_bench(a) -> int:
 
     res = compare(a.model, target=parse_target(a.target), shapes=parse_shapes(a.input_shape),
                   min_sparsity=a.min_sparsity, tuning_log=a.tuning_log, number=a.number, repeat=a.repeat,
-                  seed=a.seed, torch=not a.no_torch, steps=Steps(5, a.quiet))
+                  seed=a.seed, torch=not a.no_torch, steps=Steps(5, a.quiet), kernel=a.kernel)
     print(res.text(report=not a.no_report))
     if a.json:
         Path(a.json).write_text(json.dumps(res.as_dict(), indent=1))
@@ -325,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .zoo import NAMES
 
+    KERNELS = ("auto", "sparse", "specialized", "dense")  # relay_passes.kernel_choice.KERNELS (not imported: the
+    # parser must not load the compiler, `run` works with the TVM runtime alone)
+
     ap = argparse.ArgumentParser(
         prog=PROG, description="Compile pruned CNNs (ONNX) with TVM so that their pruned convolutions run as "
                                "sparse direct convolutions (Escort).",
@@ -351,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--min-sparsity", type=_nonneg_float, default=0.7, metavar="F",
                            help="rewrite a conv when at least this fraction of its weights is zero (default 0.7; "
                                 "above 1 keeps every conv dense)")
+            p.add_argument("--kernel", choices=KERNELS, default="auto",
+                           help="kernel for pruned convs: auto (a tuning log's fastest, else a cost rule), sparse "
+                                "(CSR), specialized (weights compiled into the code), dense (default auto)")
 
     p = sub.add_parser("compile", parents=[common], help="compile an ONNX model into a deployable .so",
                        description="Compile an ONNX model: pruned convs become sparse kernels, the rest is TVM's "
@@ -379,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "kernel and why (the build's own planning, without compiling).")
     p.add_argument("model", metavar="MODEL.onnx")
     model_opts(p)
+    p.add_argument("--tuning-log", metavar="FILE", help="knob settings from a tuning run (JSON lines)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
 

@@ -55,6 +55,9 @@ class Result:
                 label = f"{k} ({n_sparse}/{len(self.report)} convs sparse)" if k == "escort-tvm" else k
                 ratio = "" if base is None or k == "TVM dense" else f"  {base / self.median(k):.2f}x vs TVM dense"
                 lines.append(f"  {label:40s} {self.median(k):10.3f} ms{ratio}")
+        if self.report:
+            kinds = sorted({r.kernel for r in self.report})
+            lines.append("kernels: " + ", ".join(f"{sum(r.kernel == k for r in self.report)} {k}" for k in kinds))
         lines.append("check: " + ("PASS" if self.ok else "FAIL"))
         return "\n".join(lines)
 
@@ -71,7 +74,7 @@ def _first(y):
 
 
 def compare(model_or_path, target=None, *, shapes=None, min_sparsity=0.7, tuning_log=None, number=3, repeat=10,
-            seed=0, torch=True, steps=None, time_it=True, name=None) -> Result:
+            seed=0, torch=True, steps=None, time_it=True, name=None, kernel="auto") -> Result:
     """Build sparse and dense, check agreement (onnxruntime, PyTorch where present), then time them."""
     import escort_tvm
     from escort_tvm.compiler import resolve_target
@@ -91,7 +94,7 @@ def compare(model_or_path, target=None, *, shapes=None, min_sparsity=0.7, tuning
         model = _load_onnx(model_or_path)
         mod, params = escort_tvm.from_onnx(model, shapes)
     with steps(f"building for {target.kind.name} with the sparse rewrite (min_sparsity {min_sparsity:g})") as s:
-        sparse = escort_tvm.build(mod, params, target, min_sparsity=min_sparsity, tuning_log=tuning_log)
+        sparse = escort_tvm.build(mod, params, target, min_sparsity=min_sparsity, tuning_log=tuning_log, kernel=kernel)
     build_s = {"escort-tvm": round(s.seconds, 2)}
     with steps(f"building TVM's dense build of the same model (for {target.kind.name})") as s:
         dense = escort_tvm.build(mod, params, target, min_sparsity=2.0)

@@ -210,3 +210,23 @@ def test_bench_cuda_without_gpu_fails_early(cnn_file, capsys):
     _, path = cnn_file
     assert main(["bench", str(path), "--target", "cuda", "-q"]) == 1
     assert "benchmarking a CUDA build needs a CUDA GPU here" in capsys.readouterr().err
+
+
+def test_kernel_choice_is_passed_through(cnn_file, capsys):
+    _, path = cnn_file
+    assert main(["inspect", str(path), "--target", "llvm", "--json", "--kernel", "dense"]) == 0
+    assert [c["kernel"] for c in json.loads(capsys.readouterr().out)["convs"]] == ["dense"] * 6
+    assert main(["inspect", str(path), "--target", "llvm", "--json", "--kernel", "sparse"]) == 0
+    assert [c["kernel"] for c in json.loads(capsys.readouterr().out)["convs"]] == ["dense"] + ["sparse"] * 5
+    with pytest.raises(SystemExit) as e:
+        main(["compile", str(path), "-o", "x.so", "--kernel", "magic"])
+    assert e.value.code == 2
+
+
+def test_kernel_choices_match_the_pass():
+    from relay_passes.kernel_choice import KERNELS
+    from escort_tvm.cli import build_parser
+
+    compile_parser = build_parser()._subparsers._group_actions[0].choices["compile"]
+    kernel = next(a for a in compile_parser._actions if a.dest == "kernel")
+    assert tuple(kernel.choices) == tuple(KERNELS)
