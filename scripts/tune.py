@@ -332,7 +332,11 @@ def _interleave(a, b):
 
 
 def rules_for(target, names: list[str] | None = None) -> list:
-    """Every rule of schedules.RULES (read now, so rules added later take part) that takes ``target``."""
+    """Every rule of schedules.RULES (read now, so rules added later take part) that takes ``target``.
+
+    Without ``names``, rules that stay out of build's automatic choice (``in_auto`` False: the CPU
+    specialised kernel, whose LLVM compile takes minutes per layer) are left out; name them to tune them.
+    """
     import schedules
 
     rules = [r for r in schedules.RULES if r.is_target(target)]
@@ -342,6 +346,8 @@ def rules_for(target, names: list[str] | None = None) -> list:
         if unknown:
             raise SystemExit(f"rule(s) {unknown} do not take target {target.kind.name}; these do: {sorted(known)}")
         rules = [r for r in rules if r.name in names]
+    else:
+        rules = [r for r in rules if getattr(r, "in_auto", True)]
     if not rules:
         raise SystemExit(f"no schedule rule in schedules.RULES takes target {target.kind.name}")
     return rules
