@@ -596,7 +596,8 @@ def build_specialized(job: dict) -> dict:
 
 
 def build_specialized_all(jobs: list[dict], cache_dir: Path, n_jobs: int = 1, timeout_s: float | None = None) -> list[dict]:
-    """Run ``build_specialized`` for every job in child processes (``n_jobs`` at a time, fewest nonzeros first),
+    """Run ``build_specialized`` for every job in child processes (``n_jobs`` at a time; default variants first,
+    then fewest nonzeros first),
     through a content-keyed cache in ``cache_dir``; each job's .so.xz is copied to ``job['dest']``. A build
     that runs past ``timeout_s`` is killed and recorded as ``timeout`` (cached with that limit: a later run
     with a longer limit tries again). Returns the results in job order."""
@@ -658,7 +659,7 @@ def build_specialized_all(jobs: list[dict], cache_dir: Path, n_jobs: int = 1, ti
             tmp.replace(meta)
         return res
 
-    order = sorted(range(len(jobs)), key=lambda k: (jobs[k].get("nnz") or 0, k))
+    order = sorted(range(len(jobs)), key=lambda k: (jobs[k].get("name") != "default", jobs[k].get("nnz") or 0, k))
     with cf.ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
         futs = {pool.submit(run_one, k): k for k in order}
         for f in cf.as_completed(futs):
@@ -673,12 +674,15 @@ def build_specialized_all(jobs: list[dict], cache_dir: Path, n_jobs: int = 1, ti
 
 def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_kernels: int = 1000,
             command: str = "", spec_variants: str = SPEC_VARIANTS, spec_max_nnz: int | None = None,
-            jobs: int = 1, spec_cache: Path | None = None, spec_timeout_s: float | None = None) -> dict:
+            jobs: int = 1, spec_cache: Path | None = None, spec_timeout_s: float | None = None,
+            spec_variant_nnz: int | None = None) -> dict:
     """Build everything the GPU side needs into ``bench_dir`` (replaced as a whole); returns the manifest.
 
     ``spec_variants``: the specialised kernel's variants (``default`` first, then names of SPEC_CHANGES; ``none``:
     no specialised kernels), built for every case with at most ``spec_max_nnz`` nonzeros (default: the rule's
-    MAX_NONZEROS), each in a module of its own, ``jobs`` at a time, through the cache ``spec_cache``."""
+    MAX_NONZEROS), each in a module of its own, ``jobs`` at a time, through the cache ``spec_cache``; above
+    ``spec_variant_nnz`` nonzeros only the default variant is built (nvcc's time grows faster than linearly
+    with the kernel's length)."""
     t_start = time.time()
     import numpy as np
     import tvm
@@ -770,15 +774,19 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
         entries[-1]["specialized"] = sp_entry
         if not use_spec:
             sp_entry["reason"] = "not built (--spec-variants none)"
+        elif g["nnz"] > MAX_NONZEROS:
+            sp_entry["reason"] = f"{g['nnz']} nonzeros > {MAX_NONZEROS} (the rule's MAX_NONZEROS)"
         elif g["nnz"] > spec_max_nnz:
-            sp_entry["reason"] = (f"{g['nnz']} nonzeros > {spec_max_nnz}"
-                                  + (" (MAX_NONZEROS of the rule)" if spec_max_nnz == MAX_NONZEROS else " (--spec-max-nnz)"))
+            sp_entry["reason"] = f"{g['nnz']} nonzeros > {spec_max_nnz} (--spec-max-nnz; the rule allows {MAX_NONZEROS})"
         else:
             if "spec_weights" not in g:
                 g["spec_weights"] = tmp / f".spec_{Path(g['file']).stem}.npz"
                 np.savez(g["spec_weights"], dense=g["arrays"]["dense"])
             epi = {"relu": False, "residual": False}
             for j, sv in enumerate(specialized_variants(srule.default_knobs(spec, weight), spec_variants)):
+                if sv["knobs"] is not None and j > 0 and spec_variant_nnz is not None and g["nnz"] > spec_variant_nnz:
+                    sv = dict(sv, knobs=None, reason=f"not built: {g['nnz']} nonzeros > --spec-variant-nnz "
+                                                     f"{spec_variant_nnz} (only the default above that)")
                 if sv["knobs"] is None:
                     sp_entry["skipped"].append({"index": j, "name": sv["name"], "knobs": None, "reason": sv["reason"]})
                     continue
@@ -935,7 +943,8 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                       "compile_dense": round(t_dense, 1), "resources": round(t_res, 1),
                       "specialized": round(t_spec, 1)},
         "specialized": {"rule": srule.name, "variants": spec_variants if use_spec else "none",
-                        "max_nnz": spec_max_nnz, "jobs": jobs, "timeout_s": spec_timeout_s,
+                        "max_nnz": spec_max_nnz, "variant_nnz": spec_variant_nnz, "jobs": jobs,
+                        "timeout_s": spec_timeout_s,
                         "sources_sha": sources_sha, "sources": list(SPEC_SOURCES),
                         "kernels": sum(len(e["specialized"]["variants"]) for e in entries),
                         "files": "spec_<symbol>.so.xz: one exported .so per kernel, xz-compressed (lzma)"},
@@ -2183,6 +2192,8 @@ def main(argv=None) -> int:
                         "(default and upper bound: schedules.cuda_specialized.MAX_NONZEROS)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="specialised kernels compiled at a time (child processes)")
+    p.add_argument("--spec-variant-nnz", type=int, default=None,
+                   help="above this many nonzeros build only the default specialised variant (default: no limit)")
     p.add_argument("--spec-timeout", type=float, default=1800.0,
                    help="wall seconds one specialised kernel's build may take before it is killed and reported")
     p.add_argument("--spec-cache", default=str(DEFAULT_SPEC_CACHE),
@@ -2223,7 +2234,7 @@ def main(argv=None) -> int:
         sv = a.spec_variants or ("default" if a.quick else SPEC_VARIANTS)
         prepare(Path(a.bench_dir), cases, variants=a.variants, max_kernels=a.max_kernels, command=cmd,
                 spec_variants=sv, spec_max_nnz=a.spec_max_nnz, jobs=a.jobs, spec_cache=Path(a.spec_cache),
-                spec_timeout_s=a.spec_timeout)
+                spec_timeout_s=a.spec_timeout, spec_variant_nnz=a.spec_variant_nnz)
         return 0
     if a.cmd == "_spec_build":
         try:
