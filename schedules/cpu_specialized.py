@@ -17,8 +17,12 @@ from escort_tvm.sparse_format import SparseConvWeight
 
 from .base import KernelPlan, Knobs, SparseConvRule
 from .cpu import SparseConvCPU
-from .cuda_specialized import MAX_NONZEROS, _tree
+from .cuda_specialized import _tree
 from .unrolled import ChannelGroup, unrolled_program
+
+
+# LLVM's compile time on one large unrolled function is minutes at this size; not measured beyond.
+MAX_NONZEROS = 32768
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,18 @@ from escort_tvm.compute import Epilogue
 from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
+from . import ptx_taps
 from .base import KernelPlan, Knobs, SparseConvRule
 from .unrolled import ChannelGroup, unrolled_program
 
 SHARED_LIMIT = 48 * 1024  # static shared memory per block without opt-in
-# Code size grows with the nonzeros (one FMA instruction each), and so does compile time: TVM's
-# lowering and nvcc's front end each take about 1-1.5 ms per nonzero on the 2-core build machine
-# (docs/notes/specialized-codegen.md). Above this a layer falls back to the CSR kernel.
-MAX_NONZEROS = 32768
+# Code size grows with the nonzeros (one FMA instruction each), and so does compile time: on the
+# 2-core build machine TVM's lowering takes ~0.7 ms per nonzero and nvcc ~1.2 ms per nonzero in
+# kernels of KERNEL_NONZEROS, more in larger ones (docs/notes/specialized-codegen.md). A layer is cut
+# into kernels of at most KERNEL_NONZEROS; above MAX_NONZEROS (VGG-16's 512x512x3x3 layers at 90%
+# have 236k) the rule refuses and the layer takes the CSR kernel.
+KERNEL_NONZEROS = 16384
+MAX_NONZEROS = 262144
 
 
 @dataclass(frozen=True)
@@ -155,11 +159,32 @@ def _tree(T, var, keys: list[int], leaf, exact: bool):
             _tree(T, var, keys[mid:], leaf, exact)
 
 
-def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue: Epilogue, k: SpecializedKnobs):
+def kernel_parts(groups: list[ChannelGroup], limit: int) -> list[list[int]]:
+    """Consecutive runs of group indices with at most ``limit`` nonzeros each (a group is never cut).
+
+    nvcc's front end is superlinear in a function's size (docs/notes/specialized-codegen.md), so a
+    large layer compiles far faster as several kernels over output-channel ranges, launched in turn.
+    """
+    parts: list[list[int]] = [[]]
+    size = 0
+    for gi, g in enumerate(groups):
+        if parts[-1] and size + g.fma_count > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(gi)
+        size += g.fma_count
+    return parts
+
+
+def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue: Epilogue, k: SpecializedKnobs,
+                            kernel_nonzeros: int | None = None):
     """Emit the PrimFunc ``(x[N,C,H,W], bias[K], [residual[N,K,OH,OW]], y[N,K,OH,OW])``.
 
+    One CUDA kernel per part of ``kernel_parts`` (launched in order by the host code TVM generates).
     Staged: a run-time loop over the group's channel chunks stages each chunk once (one copy of that
     code), then branches to the group's taps of that chunk, so code size is the taps plus a constant.
+    Accumulators are separate one-element local buffers, not one array: nvcc's front end is ~4x slower
+    on a large kernel that indexes one local array (measured in the notes).
     """
     import tvm
     from tvm.script.ir_builder import IRBuilder
@@ -178,12 +203,117 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     NS = -(-SR * SC // NT)  # staging slots per thread
     PP = NS * NT  # staged floats per channel
     residual = getattr(epilogue, "residual", False)
-    KG = max(g.size for g in groups)
     f32 = lambda v: tvm.tirx.FloatImm("float32", v)  # noqa: E731
     i32 = lambda v: tvm.tirx.IntImm("int32", v)  # noqa: E731
-    # Chunk range per group: the input channels its conv group sees.
     Cg, Kg = spec.Cg, spec.K // spec.groups
-    chunk_range = [((g.first // Kg) * Cg // CC, -(-((g.first // Kg) + 1) * Cg // CC)) for g in groups]
+
+    def emit_part(xf, bias, rf, yf, part: list[ChannelGroup]):
+        """One kernel: blockIdx.y picks a group of ``part``."""
+        KG = max(g.size for g in part)
+        # Chunk range per group: the input channels its conv group sees.
+        chunk_range = [((g.first // Kg) * Cg // CC, -(-((g.first // Kg) + 1) * Cg // CC)) for g in part]
+        bz, by, bx = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y"), T.env_thread("blockIdx.x")
+        ty, tx = T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
+        with T.launch_thread(bz, N), T.launch_thread(by, len(part)), T.launch_thread(bx, geo.tiles), \
+                T.launch_thread(ty, TY), T.launch_thread(tx, TX):
+            n = bz
+            tile_r, tile_c = bx // geo.tiles_x, bx % geo.tiles_x
+            oh, ow = tile_r * TY + ty, tile_c * TX + tx  # in flat mode oh == 0 and ow is the pixel
+            in_out = tvm.tirx.all(oh < geo.OH, ow < geo.OW)
+            acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG)]
+            val = T.alloc_buffer((1,), "float32", scope="local")
+            for j in range(KG):
+                T.buffer_store(acc[j], f32(0.0), [i32(0)])
+
+            def fmas(t, tap_value):
+                T.buffer_store(val, tap_value, [i32(0)])
+                for j, w in t.fmas:
+                    T.buffer_store(acc[j], acc[j][0] + val[0] * f32(w), [i32(0)])
+
+            if k.stage_input:
+                sm = T.alloc_buffer((CC * PP,), "float32", scope="shared")
+                lim = T.alloc_buffer((2,), "int32", scope="local")  # this group's chunk range
+
+                def set_range(gi):
+                    T.buffer_store(lim, i32(chunk_range[gi][0]), [i32(0)])
+                    T.buffer_store(lim, i32(chunk_range[gi][1]), [i32(1)])
+
+                _tree(T, by, list(range(len(part))), set_range, exact=False)
+                tid = ty * TX + tx
+                row0, col0 = tile_r * (TY * sh) - pt, tile_c * (TX * sw) - pl
+                sbase = (ty * sh) * SC + tx * sw
+                with T.serial(0, lim[1] - lim[0]) as i:
+                    ci = lim[0] + i
+                    for slot in range(NS):
+                        p = tid + slot * NT
+                        gh, gw = row0 + p // SC, col0 + p % SC
+                        for cc in range(CC):
+                            ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE, ci * CC + cc < C)
+                            src = xf[(n * C + ci * CC + cc) * HW + gh * WE + gw]
+                            T.buffer_store(sm, tvm.tirx.if_then_else(ok, src, f32(0.0)), [cc * PP + p])
+                    T.evaluate(T.tvm_storage_sync("shared"))
+
+                    def group_chunks(gi):
+                        per_chunk = dict(part[gi].chunks(CC))
+
+                        def chunk_taps(chunk):
+                            run = ptx_taps.TapRun("shared", tuple(
+                                (4 * ((t.c - chunk * CC) * PP + (t.kh * dh) * SC + t.kw * dw), t.fmas)
+                                for t in per_chunk[chunk]))
+                            ptx_taps.emit(T, run, acc, T.address_of(sm[sbase]))
+
+                        if per_chunk:
+                            _tree(T, ci, sorted(per_chunk), chunk_taps, exact=True)
+
+                    _tree(T, by, [gi for gi, g in enumerate(part) if g.taps] or [0], group_chunks,
+                          exact=not all(g.taps for g in part))
+                    T.evaluate(T.tvm_storage_sync("shared"))
+            else:
+                ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
+                padded = any(spec.pad)
+
+                def load_direct(t):
+                    if geo.flat:
+                        return xf[(n * C + t.c) * HW + owc]
+                    ih, iw = ohc * sh + (t.kh * dh - pt), owc * sw + (t.kw * dw - pl)
+                    v = xf[(n * C + t.c) * HW + ih * W + iw]
+                    if not padded:
+                        return v
+                    return tvm.tirx.if_then_else(tvm.tirx.all(ih >= 0, ih < H, iw >= 0, iw < W), v, f32(0.0))
+
+                def group_taps(gi):
+                    if padded and not geo.flat:  # predicated loads: one C statement per tap and FMA
+                        for t in part[gi].taps:
+                            fmas(t, load_direct(t))
+                        return
+                    # Unpadded: every tap is a fixed offset from this thread's first input element.
+                    if geo.flat:
+                        base, offs = xf[n * C * HW + owc], lambda t: t.c * HW
+                    else:
+                        base = xf[n * C * HW + ohc * sh * W + owc * sw]
+                        offs = lambda t: t.c * HW + t.kh * dh * W + t.kw * dw  # noqa: E731
+                    run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in part[gi].taps))
+                    ptx_taps.emit(T, run, acc, T.address_of(base))
+
+                with_taps = [gi for gi, g in enumerate(part) if g.taps]
+                if with_taps:
+                    _tree(T, by, with_taps, group_taps, exact=len(with_taps) < len(part))
+
+            def store(gi):
+                g = part[gi]
+                with T.If(in_out):
+                    with T.Then():
+                        for j in range(g.size):
+                            kk = g.first + j
+                            o = (n * K + kk) * (OH * OW) + (ow if geo.flat else oh * OW + ow)
+                            v = acc[j][0] + bias[kk]
+                            if residual:
+                                v = v + rf[o]
+                            if epilogue.relu:
+                                v = T.max(v, f32(0.0))
+                            T.buffer_store(yf, v, [o])
+
+            _tree(T, by, list(range(len(part))), store, exact=False)
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -196,96 +326,6 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             xf = T.decl_buffer((N * C * H * W,), "float32", data=x.data)
             yf = T.decl_buffer((N * K * OH * OW,), "float32", data=y.data)
             rf = T.decl_buffer((N * K * OH * OW,), "float32", data=res.data) if residual else None
-            bz, by, bx = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y"), T.env_thread("blockIdx.x")
-            ty, tx = T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
-            with T.launch_thread(bz, N), T.launch_thread(by, len(groups)), T.launch_thread(bx, geo.tiles), \
-                    T.launch_thread(ty, TY), T.launch_thread(tx, TX):
-                n = bz
-                tile_r, tile_c = bx // geo.tiles_x, bx % geo.tiles_x
-                oh, ow = tile_r * TY + ty, tile_c * TX + tx  # in flat mode oh == 0 and ow is the pixel
-                in_out = tvm.tirx.all(oh < geo.OH, ow < geo.OW)
-                acc = T.alloc_buffer((KG,), "float32", scope="local")
-                val = T.alloc_buffer((1,), "float32", scope="local")
-                for j in range(KG):
-                    T.buffer_store(acc, f32(0.0), [i32(j)])
-
-                def fmas(t, tap_value):
-                    T.buffer_store(val, tap_value, [i32(0)])
-                    for j, w in t.fmas:
-                        T.buffer_store(acc, acc[j] + val[0] * f32(w), [i32(j)])
-
-                if k.stage_input:
-                    sm = T.alloc_buffer((CC * PP,), "float32", scope="shared")
-                    lim = T.alloc_buffer((2,), "int32", scope="local")  # this group's chunk range
-
-                    def set_range(gi):
-                        T.buffer_store(lim, i32(chunk_range[gi][0]), [i32(0)])
-                        T.buffer_store(lim, i32(chunk_range[gi][1]), [i32(1)])
-
-                    _tree(T, by, list(range(len(groups))), set_range, exact=False)
-                    tid = ty * TX + tx
-                    row0, col0 = tile_r * (TY * sh) - pt, tile_c * (TX * sw) - pl
-                    sbase = (ty * sh) * SC + tx * sw
-                    with T.serial(0, lim[1] - lim[0]) as i:
-                        ci = lim[0] + i
-                        for slot in range(NS):
-                            p = tid + slot * NT
-                            gh, gw = row0 + p // SC, col0 + p % SC
-                            for cc in range(CC):
-                                ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE, ci * CC + cc < C)
-                                src = xf[(n * C + ci * CC + cc) * HW + gh * WE + gw]
-                                T.buffer_store(sm, tvm.tirx.if_then_else(ok, src, f32(0.0)), [cc * PP + p])
-                        T.evaluate(T.tvm_storage_sync("shared"))
-
-                        def group_chunks(gi):
-                            g = groups[gi]
-                            per_chunk = dict(g.chunks(CC))
-
-                            def chunk_taps(chunk):
-                                for t in per_chunk[chunk]:
-                                    off = (t.c - chunk * CC) * PP + (t.kh * dh) * SC + t.kw * dw
-                                    fmas(t, sm[sbase + off])
-
-                            if per_chunk:
-                                _tree(T, ci, sorted(per_chunk), chunk_taps, exact=True)
-
-                        _tree(T, by, [gi for gi, g in enumerate(groups) if g.taps] or [0], group_chunks,
-                              exact=not all(g.taps for g in groups))
-                        T.evaluate(T.tvm_storage_sync("shared"))
-                else:
-                    ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
-                    padded = any(spec.pad)
-
-                    def load_direct(t):
-                        if geo.flat:
-                            return xf[(n * C + t.c) * HW + owc]
-                        ih, iw = ohc * sh + (t.kh * dh - pt), owc * sw + (t.kw * dw - pl)
-                        v = xf[(n * C + t.c) * HW + ih * W + iw]
-                        if not padded:
-                            return v
-                        return tvm.tirx.if_then_else(tvm.tirx.all(ih >= 0, ih < H, iw >= 0, iw < W), v, f32(0.0))
-
-                    def group_taps(gi):
-                        for t in groups[gi].taps:
-                            fmas(t, load_direct(t))
-
-                    with_taps = [gi for gi, g in enumerate(groups) if g.taps]
-                    if with_taps:
-                        _tree(T, by, with_taps, group_taps, exact=len(with_taps) < len(groups))
-
-                def store(gi):
-                    g = groups[gi]
-                    with T.If(in_out):
-                        with T.Then():
-                            for j in range(g.size):
-                                kk = g.first + j
-                                o = (n * K + kk) * (OH * OW) + (ow if geo.flat else oh * OW + ow)
-                                v = acc[j] + bias[kk]
-                                if residual:
-                                    v = v + rf[o]
-                                if epilogue.relu:
-                                    v = T.max(v, f32(0.0))
-                                T.buffer_store(yf, v, [o])
-
-                _tree(T, by, list(range(len(groups))), store, exact=False)
+            for part in kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS):
+                emit_part(xf, bias, rf, yf, [groups[gi] for gi in part])
     return ib.get()

@@ -145,7 +145,7 @@ def test_every_knob_value_compiles_to_a_device_kernel(knob_results):
 
 
 def test_specialized_refuses_too_many_nonzeros():
-    spec = ConvSpec(N=1, C=64, H=4, W=4, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))
+    spec = ConvSpec(N=1, C=256, H=2, W=2, K=256, KH=3, KW=3, pad=(1, 1, 1, 1))
     w = np.ones(spec.weight_shape, np.float32)
     assert w.size > MAX_NONZEROS
     with pytest.raises(ValueError, match="nonzeros exceed"):

@@ -1,0 +1,76 @@
+"""A run of unrolled taps as one inline-PTX block: loads at immediate offsets, FMAs with immediate weights.
+
+Why: written as one C statement per FMA, nvcc's front end (cicc) spends ~1 ms on every nonzero and
+dominates the specialised kernel's compile time; the same instructions inside one ``asm`` statement
+cost cicc next to nothing, and ptxas, which schedules and allocates registers for them anyway, is
+~7x faster per instruction (docs/notes/specialized-codegen.md). The block is emitted through TVM's
+``cuda_func_call`` as a macro, so the kernel stays a TIR PrimFunc and the accumulators stay TIR buffers.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+# Inline asm takes a bounded number of operands; keep well inside what nvcc accepts (33 was checked).
+MAX_OPERANDS = 48
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class TapRun:
+    """Straight-line taps that read one memory space relative to one base address."""
+
+    space: str  # "shared" (staged tile) or "global" (read-only path)
+    taps: tuple[tuple[int, tuple[tuple[int, float], ...]], ...]  # (byte offset, ((acc slot, weight), ...))
+
+    @property
+    def slots(self) -> list[int]:
+        return sorted({j for _, fm in self.taps for j, _ in fm})
+
+
+def _imm(w: float) -> str:
+    """A float32 as a PTX immediate (exact bits)."""
+    return "0f" + struct.pack(">f", np.float32(w)).hex().upper()
+
+
+def render(run: TapRun) -> tuple[str, str]:
+    """(macro name, ``#define``) of the block; the macro's arguments are the used accumulators, then the base.
+
+    The name is a hash of the text, so blocks from different convs of one module never collide.
+    """
+    slots = run.slots
+    if len(slots) + 1 > MAX_OPERANDS:
+        raise ValueError(f"a tap run with {len(slots)} accumulators exceeds the inline-asm operand limit")
+    op = {j: i for i, j in enumerate(slots)}
+    base = len(slots)
+    if run.space == "shared":
+        load, ptr = "ld.shared.f32", '"r"((unsigned)__cvta_generic_to_shared(p))'
+    elif run.space == "global":
+        load, ptr = "ld.global.nc.f32", '"l"(p)'
+    else:
+        raise ValueError(f"unknown memory space {run.space!r}")
+    body = []
+    for off, fmas in run.taps:
+        if not 0 <= off <= INT32_MAX:
+            raise ValueError(f"tap offset {off} bytes does not fit a PTX immediate offset")
+        body.append(f"{load} t, [%{base}+{off}];")
+        body += [f"fma.rn.f32 %{op[j]}, t, {_imm(w)}, %{op[j]};" for j, w in fmas]
+    text = "{ .reg .f32 t; " + " ".join(body) + " }"
+    name = "escort_taps_" + hashlib.sha1(f"{run.space}|{text}".encode()).hexdigest()[:16]
+    args = ", ".join([f"a{i}" for i in range(len(slots))] + ["p"])
+    outs = ", ".join(f'"+f"(a{i})' for i in range(len(slots)))
+    return name, f'#define {name}({args}) asm volatile("{text}" : {outs} : {ptr} : "memory")\n'
+
+
+def emit(T, run: TapRun, acc, base_ptr) -> None:
+    """Emit the run as one statement. ``acc``: one-element local buffers per slot; ``base_ptr``: address."""
+    from tvm.backend.cuda.op import cuda_func_call
+
+    if not run.taps:
+        return
+    name, source = render(run)
+    args = [acc[j][0] for j in run.slots] + [base_ptr]
+    T.evaluate(cuda_func_call(name, *args, source_code=source))
