@@ -40,12 +40,14 @@ class SpecializedKnobs(Knobs):
     threads_y: int = 4  # threads along output rows (ignored in flat mode)
     stage_input: bool = True  # input tile + halo through shared memory (else global loads)
     channel_chunk: int = 8  # input channels staged per barrier pair
+    prefetch: bool = True  # load the next chunk into registers before computing this one (hides latency)
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32),
         "threads_x": (8, 16, 32, 64, 128),
         "threads_y": (1, 2, 4, 8, 16),
         "stage_input": (True, False),
         "channel_chunk": (4, 8, 16, 32),
+        "prefetch": (True, False),
     }
 
     def validate(self) -> None:
@@ -98,6 +100,9 @@ class SpecializedCUDA(SparseConvRule):
     kernel = "specialized"
     Knobs = SpecializedKnobs
 
+    def __init__(self, kernel_nonzeros: int = KERNEL_NONZEROS):
+        self.kernel_nonzeros = kernel_nonzeros  # a layer is cut into kernels of at most this many (compile time)
+
     def is_target(self, target) -> bool:
         return target.kind.name == "cuda"
 
@@ -122,7 +127,8 @@ class SpecializedCUDA(SparseConvRule):
                                  channel_chunk=8)
         while knobs.stage_input and staged_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
             knobs = knobs.with_(channel_chunk=knobs.channel_chunk // 2)
-        return knobs
+        # Prefetch holds a chunk's share per thread in registers: worth it up to 32 of them.
+        return knobs.with_(prefetch=staged_floats(spec, knobs) // (knobs.threads_x * knobs.threads_y) <= 32)
 
     def apply(self, spec, weight, epilogue: Epilogue, knobs=None) -> KernelPlan:
         if weight.nnz > MAX_NONZEROS:
@@ -134,7 +140,7 @@ class SpecializedCUDA(SparseConvRule):
             raise ValueError(f"{knobs} stages {staged_floats(spec, knobs) * 4} bytes of shared memory "
                              f"(limit {SHARED_LIMIT}) for {spec.describe()}")
         groups = unrolled_program(weight, knobs.channels_per_thread)
-        func = specialized_cuda_kernel(spec, groups, epilogue, knobs)
+        func = specialized_cuda_kernel(spec, groups, epilogue, knobs, self.kernel_nonzeros)
         return KernelPlan(func, spec.H, spec.W, (), self.name, knobs, spec, padded_input=False)
 
 
@@ -242,16 +248,30 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 tid = ty * TX + tx
                 row0, col0 = tile_r * (TY * sh) - pt, tile_c * (TX * sw) - pl
                 sbase = (ty * sh) * SC + tx * sw
+
+                def chunk_value(ci, slot, cc):
+                    """This thread's element ``slot`` of channel ``cc`` of chunk ``ci`` (0 outside the image)."""
+                    p = tid + slot * NT
+                    gh, gw = row0 + p // SC, col0 + p % SC
+                    ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE, ci * CC + cc < C)
+                    return tvm.tirx.if_then_else(ok, xf[(n * C + ci * CC + cc) * HW + gh * WE + gw], f32(0.0))
+
+                slots = [(slot, cc) for slot in range(NS) for cc in range(CC)]
+                if k.prefetch:  # registers carry the next chunk while this one is computed
+                    pre = [T.alloc_buffer((1,), "float32", scope="local") for _ in slots]
+                    for r, (slot, cc) in zip(pre, slots):
+                        T.buffer_store(r, chunk_value(lim[0], slot, cc), [i32(0)])
                 with T.serial(0, lim[1] - lim[0]) as i:
                     ci = lim[0] + i
-                    for slot in range(NS):
-                        p = tid + slot * NT
-                        gh, gw = row0 + p // SC, col0 + p % SC
-                        for cc in range(CC):
-                            ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE, ci * CC + cc < C)
-                            src = xf[(n * C + ci * CC + cc) * HW + gh * WE + gw]
-                            T.buffer_store(sm, tvm.tirx.if_then_else(ok, src, f32(0.0)), [cc * PP + p])
+                    for r, (slot, cc) in enumerate(slots):
+                        v = pre[r][0] if k.prefetch else chunk_value(ci, slot, cc)
+                        T.buffer_store(sm, v, [cc * PP + tid + slot * NT])
                     T.evaluate(T.tvm_storage_sync("shared"))
+                    if k.prefetch:
+                        with T.If(ci + 1 < lim[1]):
+                            with T.Then():
+                                for r, (slot, cc) in zip(pre, slots):
+                                    T.buffer_store(r, chunk_value(ci + 1, slot, cc), [i32(0)])
 
                     def group_chunks(gi):
                         per_chunk = dict(part[gi].chunks(CC))

@@ -68,15 +68,20 @@ SPEC_CASES = [
     ("zero_out_channels", 2, 16, 9, 9, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "zero_rows", True, False),
     ("batch32", 32, 16, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, True),
     ("batch32_1x1_flat", 32, 16, 6, 6, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, False, True),
+    ("3x3_nopad", 2, 8, 12, 13, 8, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.8, True, False),
+    ("split_kernels", 2, 16, 10, 11, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.8, True, True),
 ]
+# Cases built with a small kernel_nonzeros, so one layer runs as several kernels launched in turn.
+SPEC_SPLIT = {"split_kernels": 200}
 # One-knob changes of the default (tiny layers default to one channel per thread, so wider channel groups,
 # as the benchmark layers use, come from these): the staging flip and 4 channels per thread on every case,
 # the rest on SPEC_KNOB_CASES (the kernel's code, and so the compile, grows with every variant).
-SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("cpt_4", "channels_per_thread", lambda v: 4),
+SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip", "prefetch", lambda v: not v),
+                ("cpt_4", "channels_per_thread", lambda v: 4),
                 ("cpt_16", "channels_per_thread", lambda v: 16), ("chunk_4", "channel_chunk", lambda v: 4),
                 ("tx_32", "threads_x", lambda v: 32))
-SPEC_BASIC_CHANGES = 2
-SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32")
+SPEC_BASIC_CHANGES = 3
+SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels")
 
 
 def _spec_weight(rng, spec, kind):
@@ -127,12 +132,12 @@ def prepare_specialized(d: Path, rng) -> list[dict]:
     from escort_tvm.sparse_format import SparseConvWeight
     from schedules import SpecializedCUDA
 
-    rule = SpecializedCUDA()
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     entries = []
     t_all = time.time()
     for (name, N, C, H, W, K, KH, KW, st, pad, dil, g, wkind, relu, residual) in SPEC_CASES:
         spec = ConvSpec(N, C, H, W, K, KH, KW, st, pad, dil, g)
+        rule = SpecializedCUDA(**({"kernel_nonzeros": SPEC_SPLIT[name]} if name in SPEC_SPLIT else {}))
         w = _spec_weight(rng, spec, wkind)
         weight = SparseConvWeight.from_dense(w, g)
         x = rng.standard_normal(spec.input_shape).astype(np.float32)

@@ -1,0 +1,89 @@
+"""schedules.ptx_taps: the inline-PTX blocks the specialised CUDA kernel is made of.
+
+The GPU checks (scripts/gpu_check.py, the benchmark) run these blocks for real; here, without a GPU, a
+small interpreter of the two PTX instructions a block uses executes the rendered text against numpy
+memory, so a wrong offset unit, operand number or weight encoding fails in CI.
+"""
+from __future__ import annotations
+
+import re
+import struct
+
+import numpy as np
+import pytest
+
+from escort_tvm import ConvSpec, Epilogue, SparseConvWeight
+from schedules import SpecializedCUDA
+from schedules.ptx_taps import MAX_OPERANDS, TapRun, render
+from _helpers import pruned
+
+_LD = re.compile(r"ld\.(shared|global\.nc)\.f32 t, \[%(\d+)\+(\d+)\];")
+_FMA = re.compile(r"fma\.rn\.f32 %(\d+), t, 0f([0-9A-F]{8}), %\1;")
+
+
+def run_block(define: str, acc: list[float], memory: np.ndarray, base: int) -> list[float]:
+    """Execute a rendered ``#define`` on float32 ``memory`` (byte address ``base`` = the pointer operand)."""
+    text = re.search(r'asm volatile\("\{ \.reg \.f32 t; (.*) \}"', define).group(1)
+    acc = [np.float32(a) for a in acc]
+    t = None
+    for ins in [s.strip() + ";" for s in text.split(";") if s.strip()]:
+        if m := _LD.fullmatch(ins):
+            assert int(m.group(2)) == len(acc), "the load's base must be the operand after the accumulators"
+            addr = base + int(m.group(3))
+            assert addr % 4 == 0
+            t = memory[addr // 4]
+        elif m := _FMA.fullmatch(ins):
+            w = np.float32(struct.unpack(">f", bytes.fromhex(m.group(2)))[0])
+            i = int(m.group(1))
+            acc[i] = np.float32(np.fma(t, w, acc[i]) if hasattr(np, "fma") else t * w + acc[i])
+        else:
+            raise AssertionError(f"unexpected instruction {ins!r}")
+    return acc
+
+
+def test_block_computes_the_taps(rng):
+    mem = rng.standard_normal(64).astype(np.float32)
+    run = TapRun("shared", ((0, ((3, 0.5), (7, -2.0))), (12, ((7, 1.25),)), (40, ((0, 3.0), (3, -0.75)))))
+    name, define = render(run)
+    assert define.startswith(f"#define {name}(a0, a1, a2, p) ")
+    assert '"r"((unsigned)__cvta_generic_to_shared(p))' in define and '"memory"' in define
+    base = 8  # bytes
+    got = run_block(define, [1.0, 2.0, 3.0], mem, base)  # slots 0, 3, 7 -> operands 0, 1, 2
+    m = lambda off: mem[(base + off) // 4]  # noqa: E731
+    want = [1.0 + 3.0 * m(40), 2.0 + 0.5 * m(0) - 0.75 * m(40), 3.0 - 2.0 * m(0) + 1.25 * m(12)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_global_block_and_exact_weight_bits():
+    w = float(np.float32(0.1))
+    _, define = render(TapRun("global", ((4, ((0, w),)),)))
+    assert "ld.global.nc.f32" in define and '"l"(p)' in define
+    assert "0f" + struct.pack(">f", np.float32(w)).hex().upper() in define
+
+
+def test_names_are_content_hashes():
+    a = render(TapRun("shared", ((0, ((0, 1.0),)),)))
+    assert render(TapRun("shared", ((0, ((0, 1.0),)),))) == a
+    assert render(TapRun("shared", ((0, ((0, 2.0),)),)))[0] != a[0]
+    assert render(TapRun("global", ((0, ((0, 1.0),)),)))[0] != a[0]
+
+
+@pytest.mark.parametrize("run,match", [
+    (TapRun("shared", ((-4, ((0, 1.0),)),)), "offset"),
+    (TapRun("shared", ((2**31, ((0, 1.0),)),)), "offset"),
+    (TapRun("local", ((0, ((0, 1.0),)),)), "memory space"),
+    (TapRun("shared", ((0, tuple((j, 1.0) for j in range(MAX_OPERANDS))),)), "operand limit"),
+])
+def test_bad_runs_are_refused(run, match):
+    with pytest.raises(ValueError, match=match):
+        render(run)
+
+
+def test_kernel_issues_every_nonzero_as_one_ptx_fma(rng):
+    """The whole unrolled program goes through PTX blocks: one ``fma.rn.f32`` per nonzero, none in C."""
+    spec = ConvSpec(N=1, C=16, H=8, W=8, K=16, KH=3, KW=3, pad=(1, 1, 1, 1))
+    weight = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.8))
+    plan = SpecializedCUDA().apply(spec, weight, Epilogue())
+    script = plan.func.script()  # each cuda_func_call carries its block's #define once
+    assert script.count("fma.rn.f32") == weight.nnz
+    assert not re.search(r"\* T\.float32\(", script), "an FMA was emitted as a TIR multiply"
