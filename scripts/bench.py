@@ -441,7 +441,8 @@ SPEC_CHANGES = {
     "chunk_x2": ("channel_chunk", lambda v: v * 2), "chunk_half": ("channel_chunk", lambda v: v // 2),
 }
 # What a specialised kernel's code depends on besides its inputs (the compile cache key hashes these files).
-SPEC_SOURCES = ("schedules/cuda_specialized.py", "schedules/unrolled.py", "schedules/base.py",
+SPEC_SOURCES = ("schedules/cuda_specialized.py", "schedules/ptx_taps.py", "schedules/unrolled.py",
+                "schedules/base.py",
                 "escort_tvm/compute.py", "escort_tvm/sparse_format.py", "escort_tvm/conv_spec.py")
 DEFAULT_SPEC_CACHE = ROOT / ".gpu" / "spec-cache"
 GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*\("
