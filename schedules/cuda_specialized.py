@@ -12,6 +12,8 @@ where the conv pads. A 1x1 stride-1 unpadded conv is run as one long row of pixe
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +26,7 @@ from .base import KernelPlan, Knobs, SparseConvRule
 from .unrolled import ChannelGroup, unrolled_program
 
 SHARED_LIMIT = 48 * 1024  # static shared memory per block without opt-in
+WARPS_TO_FILL = 132 * 16  # H200: 132 SMs; 16 resident warps each hide most load latency
 # Code size grows with the nonzeros (one FMA instruction each), and so does compile time: on the
 # 2-core build machine TVM's lowering takes ~0.7 ms per nonzero and nvcc ~1.2 ms per nonzero in
 # kernels of KERNEL_NONZEROS, more in larger ones (docs/notes/specialized-codegen.md). A layer is cut
@@ -41,6 +44,7 @@ class SpecializedKnobs(Knobs):
     stage_input: bool = True  # input tile + halo through shared memory (else global loads)
     channel_chunk: int = 8  # input channels staged per barrier pair
     prefetch: bool = True  # load the next chunk into registers before computing this one (hides latency)
+    channel_split: int = 1  # slices of the block (threadIdx.z) that take every split-th chunk; summed at the end
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32),
         "threads_x": (8, 16, 32, 64, 128),
@@ -48,12 +52,18 @@ class SpecializedKnobs(Knobs):
         "stage_input": (True, False),
         "channel_chunk": (4, 8, 16, 32),
         "prefetch": (True, False),
+        "channel_split": (1, 2, 4, 8),
     }
 
     def validate(self) -> None:
         super().validate()
         if not 32 <= self.threads_x * self.threads_y <= 1024:
             raise ValueError(f"threads_x*threads_y={self.threads_x * self.threads_y} must be in [32, 1024]")
+        if self.threads_x * self.threads_y * self.channel_split > 1024:
+            raise ValueError(f"threads_x*threads_y*channel_split={self.threads_x * self.threads_y * self.channel_split}"
+                             " exceeds 1024 threads per block")
+        if self.channel_split > 1 and not self.stage_input:
+            raise ValueError("channel_split > 1 needs stage_input (the slices split the staged chunk loop)")
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,15 @@ def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     return min(k.channel_chunk, spec.C) * -(-rows * cols // nt) * nt
 
 
+def shared_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
+    """Shared memory of a staged block: a chunk per slice, reused for the slices' partial sums."""
+    if not k.stage_input:
+        return 0
+    partials = k.channel_split * min(k.channels_per_thread, spec.K) * k.threads_x * k.threads_y
+    return k.channel_split * staged_floats(spec, k) if k.channel_split == 1 else \
+        max(k.channel_split * staged_floats(spec, k), partials)
+
+
 class SpecializedCUDA(SparseConvRule):
     name = "cuda.specialized"
     kernel = "specialized"
@@ -115,18 +134,25 @@ class SpecializedCUDA(SparseConvRule):
             ty = max(1, min(128 // tx, 1 << max(0, (spec.OH - 1).bit_length())))
             while tx * ty < 32:
                 ty *= 2
-        # Enough blocks to fill the GPU (132 SMs x 2), with as many channels per thread as that allows.
+        # Enough warps to fill the GPU (132 SMs x 16), with as many channels per thread as that allows; a
+        # staged kernel may split its chunk loop across channel_split slices of the block to get there
+        # (batch 1: few pixels, long reductions), keeping at least 4 chunks per slice.
         geo = _Geometry.of(spec, SpecializedKnobs(threads_x=tx, threads_y=ty))
-        kg = 1
-        for cand in (32, 16, 8, 4, 2):
-            if geo.tiles * spec.N * -(-spec.K // cand) >= 264:
-                kg = cand
-                break
         reuse = spec.KH * spec.KW > 1 or spec.stride != (1, 1)
+        chunks = -(-spec.Cg // 8)
+        splits = [ks for ks in (1, 2, 4, 8) if ks == 1 or (reuse and chunks >= 4 * ks and tx * ty * ks <= 512)]
+        kg, ks = 1, max(splits)
+        for cand in (32, 16, 8, 4, 2):
+            warps = [geo.tiles * spec.N * -(-spec.K // cand) * (tx * ty * s // 32) for s in splits]
+            if any(w >= WARPS_TO_FILL for w in warps):
+                kg, ks = cand, next(s for s, w in zip(splits, warps) if w >= WARPS_TO_FILL)
+                break
         knobs = SpecializedKnobs(channels_per_thread=kg, threads_x=tx, threads_y=ty, stage_input=reuse,
-                                 channel_chunk=8)
-        while knobs.stage_input and staged_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
+                                 channel_chunk=8, channel_split=ks)
+        while knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
             knobs = knobs.with_(channel_chunk=knobs.channel_chunk // 2)
+        while shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_split > 1:
+            knobs = knobs.with_(channel_split=knobs.channel_split // 2)
         # Prefetch holds a chunk's share per thread in registers: worth it up to 32 of them.
         return knobs.with_(prefetch=staged_floats(spec, knobs) // (knobs.threads_x * knobs.threads_y) <= 32)
 
@@ -136,8 +162,8 @@ class SpecializedCUDA(SparseConvRule):
                              "(code size and compile time grow with every nonzero)")
         knobs = knobs or self.default_knobs(spec, weight)
         knobs.validate()
-        if knobs.stage_input and staged_floats(spec, knobs) * 4 > SHARED_LIMIT:
-            raise ValueError(f"{knobs} stages {staged_floats(spec, knobs) * 4} bytes of shared memory "
+        if knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT:
+            raise ValueError(f"{knobs} stages {shared_floats(spec, knobs) * 4} bytes of shared memory "
                              f"(limit {SHARED_LIMIT}) for {spec.describe()}")
         groups = unrolled_program(weight, knobs.channels_per_thread)
         func = specialized_cuda_kernel(spec, groups, epilogue, knobs, self.kernel_nonzeros)
@@ -213,19 +239,25 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     i32 = lambda v: tvm.tirx.IntImm("int32", v)  # noqa: E731
     Cg, Kg = spec.Cg, spec.K // spec.groups
 
+    KS = k.channel_split
+
     def emit_part(xf, bias, rf, yf, part: list[ChannelGroup]):
-        """One kernel: blockIdx.y picks a group of ``part``."""
+        """One kernel: blockIdx.y picks a group of ``part``; threadIdx.z a slice of its chunk loop."""
         KG = max(g.size for g in part)
         # Chunk range per group: the input channels its conv group sees.
         chunk_range = [((g.first // Kg) * Cg // CC, -(-((g.first // Kg) + 1) * Cg // CC)) for g in part]
         bz, by, bx = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y"), T.env_thread("blockIdx.x")
-        ty, tx = T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
-        with T.launch_thread(bz, N), T.launch_thread(by, len(part)), T.launch_thread(bx, geo.tiles), \
-                T.launch_thread(ty, TY), T.launch_thread(tx, TX):
+        tz, ty, tx = T.env_thread("threadIdx.z"), T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
+        with contextlib.ExitStack() as launch:
+            for var, extent in ((bz, N), (by, len(part)), (bx, geo.tiles)) + (((tz, KS),) if KS > 1 else ()) \
+                    + ((ty, TY), (tx, TX)):
+                launch.enter_context(T.launch_thread(var, extent))
+            sz = tz if KS > 1 else i32(0)
             n = bz
             tile_r, tile_c = bx // geo.tiles_x, bx % geo.tiles_x
             oh, ow = tile_r * TY + ty, tile_c * TX + tx  # in flat mode oh == 0 and ow is the pixel
             in_out = tvm.tirx.all(oh < geo.OH, ow < geo.OW)
+            tid = ty * TX + tx
             acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG)]
             val = T.alloc_buffer((1,), "float32", scope="local")
             for j in range(KG):
@@ -237,7 +269,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     T.buffer_store(acc[j], acc[j][0] + val[0] * f32(w), [i32(0)])
 
             if k.stage_input:
-                sm = T.alloc_buffer((CC * PP,), "float32", scope="shared")
+                sm = T.alloc_buffer((shared_floats(spec, k.with_(channels_per_thread=KG)),), "float32",
+                                    scope="shared")
                 lim = T.alloc_buffer((2,), "int32", scope="local")  # this group's chunk range
 
                 def set_range(gi):
@@ -245,9 +278,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     T.buffer_store(lim, i32(chunk_range[gi][1]), [i32(1)])
 
                 _tree(T, by, list(range(len(part))), set_range, exact=False)
-                tid = ty * TX + tx
                 row0, col0 = tile_r * (TY * sh) - pt, tile_c * (TX * sw) - pl
-                sbase = (ty * sh) * SC + tx * sw
+                mine = sz * (CC * PP)  # this slice's chunk in shared memory
+                sbase = mine + (ty * sh) * SC + tx * sw
 
                 def chunk_value(ci, slot, cc):
                     """This thread's element ``slot`` of channel ``cc`` of chunk ``ci`` (0 outside the image)."""
@@ -260,18 +293,19 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 if k.prefetch:  # registers carry the next chunk while this one is computed
                     pre = [T.alloc_buffer((1,), "float32", scope="local") for _ in slots]
                     for r, (slot, cc) in zip(pre, slots):
-                        T.buffer_store(r, chunk_value(lim[0], slot, cc), [i32(0)])
-                with T.serial(0, lim[1] - lim[0]) as i:
-                    ci = lim[0] + i
+                        T.buffer_store(r, chunk_value(lim[0] + sz, slot, cc), [i32(0)])
+                # Slice sz takes chunks lim[0] + sz, + KS, ...; every slice runs the same trip count (barriers).
+                with T.serial(0, (lim[1] - lim[0] + (KS - 1)) // KS) as i:
+                    ci = lim[0] + i * KS + sz
                     for r, (slot, cc) in enumerate(slots):
                         v = pre[r][0] if k.prefetch else chunk_value(ci, slot, cc)
-                        T.buffer_store(sm, v, [cc * PP + tid + slot * NT])
+                        T.buffer_store(sm, v, [mine + cc * PP + tid + slot * NT])
                     T.evaluate(T.tvm_storage_sync("shared"))
                     if k.prefetch:
-                        with T.If(ci + 1 < lim[1]):
+                        with T.If(ci + KS < lim[1]):
                             with T.Then():
                                 for r, (slot, cc) in zip(pre, slots):
-                                    T.buffer_store(r, chunk_value(ci + 1, slot, cc), [i32(0)])
+                                    T.buffer_store(r, chunk_value(ci + KS, slot, cc), [i32(0)])
 
                     def group_chunks(gi):
                         per_chunk = dict(part[gi].chunks(CC))
@@ -282,11 +316,15 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                                 for t in per_chunk[chunk]))
                             ptx_taps.emit(T, run, acc, T.address_of(sm[sbase]))
 
-                        if per_chunk:
+                        if per_chunk:  # a slice past the group's last chunk matches no case
                             _tree(T, ci, sorted(per_chunk), chunk_taps, exact=True)
 
                     _tree(T, by, [gi for gi, g in enumerate(part) if g.taps] or [0], group_chunks,
                           exact=not all(g.taps for g in part))
+                    T.evaluate(T.tvm_storage_sync("shared"))
+                if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
+                    for j in range(KG):
+                        T.buffer_store(sm, acc[j][0], [(sz * KG + j) * NT + tid])
                     T.evaluate(T.tvm_storage_sync("shared"))
             else:
                 ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
@@ -319,19 +357,35 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 if with_taps:
                     _tree(T, by, with_taps, group_taps, exact=len(with_taps) < len(part))
 
+            def total(j):
+                if KS == 1:
+                    return acc[j][0]
+                v = sm[j * NT + tid]
+                for s_ in range(1, KS):
+                    v = v + sm[(s_ * KG + j) * NT + tid]
+                return v
+
+            def store_one(g, j):
+                kk = g.first + j
+                o = (n * K + kk) * (OH * OW) + (ow if geo.flat else oh * OW + ow)
+                v = total(j) + bias[kk]
+                if residual:
+                    v = v + rf[o]
+                if epilogue.relu:
+                    v = T.max(v, f32(0.0))
+                T.buffer_store(yf, v, [o])
+
             def store(gi):
                 g = part[gi]
                 with T.If(in_out):
                     with T.Then():
                         for j in range(g.size):
-                            kk = g.first + j
-                            o = (n * K + kk) * (OH * OW) + (ow if geo.flat else oh * OW + ow)
-                            v = acc[j][0] + bias[kk]
-                            if residual:
-                                v = v + rf[o]
-                            if epilogue.relu:
-                                v = T.max(v, f32(0.0))
-                            T.buffer_store(yf, v, [o])
+                            if KS == 1:
+                                store_one(g, j)
+                                continue
+                            with T.If(sz == j % KS):
+                                with T.Then():
+                                    store_one(g, j)
 
             _tree(T, by, list(range(len(part))), store, exact=False)
 
