@@ -112,7 +112,7 @@ class CompiledModel(Model):
 
 
 def build(mod: tvm.IRModule, params: dict | None = None, target=None, *, min_sparsity: float = 0.7,
-          tuning_log=None, kernel: str = "auto") -> CompiledModel:
+          tuning_log=None, kernel: str = "auto", specialized_budget: int | None = None) -> CompiledModel:
     """Compile a Relax module; every constant conv2d weight with sparsity >= min_sparsity gets a sparse kernel.
 
     ``kernel``: "auto" (a tuning log's fastest, else the cost rule of relay_passes.kernel_choice),
@@ -131,7 +131,8 @@ def build(mod: tvm.IRModule, params: dict | None = None, target=None, *, min_spa
     if len(mod["main"].params) != n_in:
         raise ValueError("the module still has unbound weight parameters")
     mod = relax.transform.FoldConstant()(mod)
-    mod, report = rewrite_sparse_convs(mod, target, min_sparsity, None, names, kernel=kernel, tuning_log=log)
+    mod, report = rewrite_sparse_convs(mod, target, min_sparsity, None, names, kernel=kernel, tuning_log=log,
+                                       specialized_budget=specialized_budget)
     meta = {"inputs": signature, "target": str(target.kind.name), "report": [r.as_dict() for r in report]}
     mod[METADATA_FUNC] = _metadata_func(meta)
     if target.kind.name == "cuda":

@@ -40,6 +40,8 @@ class KernelChooser:
         self.kernel = kernel
         self.log = tuning_log
         self.knob_lookup = knob_lookup or (tuning_log.lookup if tuning_log is not None else None)
+        if isinstance(specialized_budget, bool) or not isinstance(specialized_budget, int) or specialized_budget < 0:
+            raise ValueError(f"specialized_budget must be a non-negative integer, got {specialized_budget!r}")
         self.budget = specialized_budget
 
     def _knobs(self, rule, spec, weight):

@@ -122,6 +122,9 @@ def test_forced_dense_and_bad_kernel(rng):
     assert built.report[0].kernel == "dense" and "kernel='dense'" in built.report[0].reason
     with pytest.raises(ValueError, match="kernel must be one of"):
         escort_tvm.build(mod, params, "llvm", kernel="fast")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="specialized_budget must be a non-negative integer"):
+            escort_tvm.build(mod, params, "llvm", specialized_budget=bad)
 
 
 def test_auto_on_cuda_spends_the_specialized_budget_then_uses_csr(rng):
@@ -133,6 +136,10 @@ def test_auto_on_cuda_spends_the_specialized_budget_then_uses_csr(rng):
     second, notes2 = chooser.plan(spec, weight, Epilogue())
     assert first.rule == SpecializedCUDA.name and notes1 == []
     assert second.rule == "cuda.register_tiled" and "budget" in notes2[0]
+    forced = KernelChooser(rules_for(tvm.target.Target({"kind": "cuda", "arch": "sm_90"})), kernel="specialized",
+                           specialized_budget=0)
+    plan, notes = forced.plan(spec, weight, Epilogue())
+    assert plan.rule == "cuda.register_tiled" and "budget (0 nonzeros left)" in notes[0]
 
 
 def test_auto_follows_the_tuning_log(rng, tmp_path):
