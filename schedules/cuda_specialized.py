@@ -45,6 +45,7 @@ class SpecializedKnobs(Knobs):
     channel_chunk: int = 8  # input channels staged per barrier pair
     prefetch: bool = True  # load the next chunk into registers before computing this one (hides latency)
     channel_split: int = 1  # slices of the block (threadIdx.z) that take every split-th chunk; summed at the end
+    rows_per_thread: int = 1  # output rows per thread: a staged input row feeds the kh taps of every row
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32),
         "threads_x": (8, 16, 32, 64, 128),
@@ -53,6 +54,7 @@ class SpecializedKnobs(Knobs):
         "channel_chunk": (4, 8, 16, 32),
         "prefetch": (True, False),
         "channel_split": (1, 2, 4, 8),
+        "rows_per_thread": (1, 2, 4),
     }
 
     def validate(self) -> None:
@@ -64,6 +66,8 @@ class SpecializedKnobs(Knobs):
                              " exceeds 1024 threads per block")
         if self.channel_split > 1 and not self.stage_input:
             raise ValueError("channel_split > 1 needs stage_input (the slices split the staged chunk loop)")
+        if self.rows_per_thread > 1 and not self.stage_input:
+            raise ValueError("rows_per_thread > 1 needs stage_input (rows share staged input)")
 
 
 @dataclass(frozen=True)
@@ -75,13 +79,14 @@ class _Geometry:
     OW: int
     TX: int
     TY: int
+    PY: int = 1  # output rows per thread
 
     @classmethod
     def of(cls, spec: ConvSpec, k: SpecializedKnobs) -> "_Geometry":
         flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
         if flat:
-            return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1)
-        return cls(False, spec.OH, spec.OW, k.threads_x, k.threads_y)
+            return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, 1)
+        return cls(False, spec.OH, spec.OW, k.threads_x, k.threads_y, k.rows_per_thread)
 
     @property
     def tiles_x(self) -> int:
@@ -89,12 +94,13 @@ class _Geometry:
 
     @property
     def tiles(self) -> int:
-        return self.tiles_x * -(-self.OH // self.TY)
+        return self.tiles_x * -(-self.OH // (self.TY * self.PY))
 
     def halo(self, spec: ConvSpec) -> tuple[int, int]:
         """Rows and columns of the input tile a block stages."""
         (sh, sw), (dh, dw) = spec.stride, spec.dilation
-        return (self.TY - 1) * sh + (spec.KH - 1) * dh + 1, (self.TX - 1) * sw + (spec.KW - 1) * dw + 1
+        return ((self.TY * self.PY - 1) * sh + (spec.KH - 1) * dh + 1,
+                (self.TX - 1) * sw + (spec.KW - 1) * dw + 1)
 
 
 def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
@@ -109,7 +115,7 @@ def shared_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     """Shared memory of a staged block: a chunk per slice, reused for the slices' partial sums."""
     if not k.stage_input:
         return 0
-    partials = k.channel_split * min(k.channels_per_thread, spec.K) * k.threads_x * k.threads_y
+    partials = k.channel_split * min(k.channels_per_thread, spec.K) * k.rows_per_thread * k.threads_x * k.threads_y
     return k.channel_split * staged_floats(spec, k) if k.channel_split == 1 else \
         max(k.channel_split * staged_floats(spec, k), partials)
 
@@ -162,6 +168,8 @@ class SpecializedCUDA(SparseConvRule):
                              "(code size and compile time grow with every nonzero)")
         knobs = knobs or self.default_knobs(spec, weight)
         knobs.validate()
+        if knobs.rows_per_thread > 1 and _Geometry.of(spec, knobs).flat:
+            raise ValueError("rows_per_thread > 1 does not apply to a 1x1 stride-1 unpadded conv (flat mode)")
         if knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT:
             raise ValueError(f"{knobs} stages {shared_floats(spec, knobs) * 4} bytes of shared memory "
                              f"(limit {SHARED_LIMIT}) for {spec.describe()}")
@@ -229,7 +237,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     pt, pl = spec.pad[0], spec.pad[1]
     geo = _Geometry.of(spec, k)
     HE, WE = (1, HW) if geo.flat else (H, W)  # the input as the kernel indexes it
-    TX, TY, NT = geo.TX, geo.TY, geo.TX * geo.TY
+    TX, TY, NT, PY = geo.TX, geo.TY, geo.TX * geo.TY, geo.PY
     CC = min(k.channel_chunk, C)
     SR, SC = geo.halo(spec)
     NS = -(-SR * SC // NT)  # staging slots per thread
@@ -238,6 +246,19 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     f32 = lambda v: tvm.tirx.FloatImm("float32", v)  # noqa: E731
     i32 = lambda v: tvm.tirx.IntImm("int32", v)  # noqa: E731
     Cg, Kg = spec.Cg, spec.K // spec.groups
+
+    def staged_loads(taps, chunk: int) -> tuple:
+        """A chunk's taps as distinct shared loads: ``(byte offset, ((acc slot, weight), ...))``.
+
+        Output row q of a thread reads input row q * sh + kh * dh, so with several rows per thread one
+        loaded element feeds every (q, kh) pair that lands on it, for all channels of the group.
+        """
+        loads: dict[int, list] = {}
+        for t in taps:
+            for q in range(PY):
+                off = 4 * ((t.c - chunk * CC) * PP + (q * sh + t.kh * dh) * SC + t.kw * dw)
+                loads.setdefault(off, []).extend((j * PY + q, w) for j, w in t.fmas)
+        return tuple((off, tuple(f)) for off, f in loads.items())
 
     KS = k.channel_split
 
@@ -255,13 +276,13 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             sz = tz if KS > 1 else i32(0)
             n = bz
             tile_r, tile_c = bx // geo.tiles_x, bx % geo.tiles_x
-            oh, ow = tile_r * TY + ty, tile_c * TX + tx  # in flat mode oh == 0 and ow is the pixel
-            in_out = tvm.tirx.all(oh < geo.OH, ow < geo.OW)
+            # this thread's pixels: rows oh .. oh + PY - 1 of column ow (flat mode: oh == 0, ow is the pixel)
+            oh, ow = (tile_r * TY + ty) * PY, tile_c * TX + tx
             tid = ty * TX + tx
-            acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG)]
+            acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG * PY)]  # slot j * PY + q
             val = T.alloc_buffer((1,), "float32", scope="local")
-            for j in range(KG):
-                T.buffer_store(acc[j], f32(0.0), [i32(0)])
+            for a in acc:
+                T.buffer_store(a, f32(0.0), [i32(0)])
 
             def fmas(t, tap_value):
                 T.buffer_store(val, tap_value, [i32(0)])
@@ -278,9 +299,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     T.buffer_store(lim, i32(chunk_range[gi][1]), [i32(1)])
 
                 _tree(T, by, list(range(len(part))), set_range, exact=False)
-                row0, col0 = tile_r * (TY * sh) - pt, tile_c * (TX * sw) - pl
+                row0, col0 = tile_r * (TY * PY * sh) - pt, tile_c * (TX * sw) - pl
                 mine = sz * (CC * PP)  # this slice's chunk in shared memory
-                sbase = mine + (ty * sh) * SC + tx * sw
+                sbase = mine + (ty * PY * sh) * SC + tx * sw
 
                 def chunk_value(ci, slot, cc):
                     """This thread's element ``slot`` of channel ``cc`` of chunk ``ci`` (0 outside the image)."""
@@ -311,9 +332,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                         per_chunk = dict(part[gi].chunks(CC))
 
                         def chunk_taps(chunk):
-                            run = ptx_taps.TapRun("shared", tuple(
-                                (4 * ((t.c - chunk * CC) * PP + (t.kh * dh) * SC + t.kw * dw), t.fmas)
-                                for t in per_chunk[chunk]))
+                            run = ptx_taps.TapRun("shared", staged_loads(per_chunk[chunk], chunk))
                             ptx_taps.emit(T, run, acc, T.address_of(sm[sbase]))
 
                         if per_chunk:  # a slice past the group's last chunk matches no case
@@ -323,8 +342,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                           exact=not all(g.taps for g in part))
                     T.evaluate(T.tvm_storage_sync("shared"))
                 if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
-                    for j in range(KG):
-                        T.buffer_store(sm, acc[j][0], [(sz * KG + j) * NT + tid])
+                    for a_i, a in enumerate(acc):
+                        T.buffer_store(sm, a[0], [(sz * KG * PY + a_i) * NT + tid])
                     T.evaluate(T.tvm_storage_sync("shared"))
             else:
                 ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
@@ -357,18 +376,18 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 if with_taps:
                     _tree(T, by, with_taps, group_taps, exact=len(with_taps) < len(part))
 
-            def total(j):
+            def total(a_i):
                 if KS == 1:
-                    return acc[j][0]
-                v = sm[j * NT + tid]
+                    return acc[a_i][0]
+                v = sm[a_i * NT + tid]
                 for s_ in range(1, KS):
-                    v = v + sm[(s_ * KG + j) * NT + tid]
+                    v = v + sm[(s_ * KG * PY + a_i) * NT + tid]
                 return v
 
-            def store_one(g, j):
+            def store_one(g, j, q):
                 kk = g.first + j
-                o = (n * K + kk) * (OH * OW) + (ow if geo.flat else oh * OW + ow)
-                v = total(j) + bias[kk]
+                o = (n * K + kk) * (OH * OW) + (ow if geo.flat else (oh + q) * OW + ow)
+                v = total(j * PY + q) + bias[kk]
                 if residual:
                     v = v + rf[o]
                 if epilogue.relu:
@@ -377,15 +396,16 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
             def store(gi):
                 g = part[gi]
-                with T.If(in_out):
-                    with T.Then():
-                        for j in range(g.size):
-                            if KS == 1:
-                                store_one(g, j)
-                                continue
-                            with T.If(sz == j % KS):
-                                with T.Then():
-                                    store_one(g, j)
+                for q in range(PY):
+                    with T.If(tvm.tirx.all(oh + q < geo.OH, ow < geo.OW)):
+                        with T.Then():
+                            for j in range(g.size):
+                                if KS == 1:
+                                    store_one(g, j, q)
+                                    continue
+                                with T.If(sz == j % KS):
+                                    with T.Then():
+                                        store_one(g, j, q)
 
             _tree(T, by, list(range(len(part))), store, exact=False)
 

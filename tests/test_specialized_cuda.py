@@ -96,7 +96,8 @@ KNOB_CASES = [
     ("5x3_s2_asym_groups2", ConvSpec(N=1, C=4, H=11, W=9, K=4, KH=5, KW=3, stride=(2, 2), pad=(1, 0, 2, 1),
                                      groups=2), 0.6),
 ]
-REFUSALS = ("threads_x*threads_y", "shared memory", "channel_split > 1 needs stage_input")
+REFUSALS = ("threads_x*threads_y", "shared memory", "channel_split > 1 needs stage_input",
+            "rows_per_thread > 1 needs stage_input", "rows_per_thread > 1 does not apply")
 
 
 def _one_knob_changes(default: SpecializedKnobs):
