@@ -1,19 +1,21 @@
 """CUDA kernel specialised to one pruned weight tensor: nonzeros as immediates, no index arrays.
 
-Block = (tile of ``threads_y`` x ``threads_x`` output pixels, one group of output channels, one
-image); thread = one output pixel x ``channels_per_thread`` channels in registers. ``blockIdx.y``
-selects the group's code through a binary tree of block-uniform branches; each group's code is the
-straight-line list of ``schedules.unrolled``: per input tap one load, then one FMA per channel of the
-group that has a nonzero there. With ``stage_input`` the input tile and its halo are staged in shared
-memory, ``channel_chunk`` input channels at a time, zero-filled outside the image (this is where the
-padding happens: no pad op, no predicate in the inner code), and every tap is a shared load at an
-immediate offset from one per-thread base. Without staging, taps are global loads, predicated only
-where the conv pads. A 1x1 stride-1 unpadded conv is run as one long row of pixels (flat mode).
+Block = (tile of ``threads_y`` x ``threads_x`` threads, one group of output channels, one image),
+optionally ``channel_split`` slices deep; thread = ``rows_per_thread`` output pixels of one column x
+``channels_per_thread`` channels in registers. ``blockIdx.z`` (the slowest grid index, so resident
+blocks share code) selects the group's code through a binary tree of block-uniform branches; each
+group's code is the straight-line list of ``schedules.unrolled``, emitted as inline-PTX blocks
+(``schedules.ptx_taps``): per distinct input element one load, then one FMA per (row, channel) that
+has a nonzero there. With ``stage_input`` the input tile and its halo are staged in shared memory,
+``channel_chunk`` input channels at a time (the next chunk prefetched into registers), zero-filled
+outside the image (this is where the padding happens: no pad op, no predicate in the inner code), and
+every tap is a shared load at an immediate offset from one per-thread base. Without staging, taps are
+global loads, predicated only where the conv pads. A 1x1 stride-1 unpadded conv is run as one long
+row of pixels (flat mode). A large layer is cut into several kernels (``kernel_parts``).
 """
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -125,8 +127,9 @@ class SpecializedCUDA(SparseConvRule):
     kernel = "specialized"
     Knobs = SpecializedKnobs
 
-    def __init__(self, kernel_nonzeros: int = KERNEL_NONZEROS):
-        self.kernel_nonzeros = kernel_nonzeros  # a layer is cut into kernels of at most this many (compile time)
+    def __init__(self, kernel_nonzeros: int = KERNEL_NONZEROS, fill_warps: int = WARPS_TO_FILL):
+        self.kernel_nonzeros = kernel_nonzeros  # a layer is cut into kernels of about this many (compile time)
+        self.fill_warps = fill_warps  # ... each with enough groups for this many warps (0: cut by nonzeros only)
 
     def is_target(self, target) -> bool:
         return target.kind.name == "cuda"
@@ -174,7 +177,7 @@ class SpecializedCUDA(SparseConvRule):
             raise ValueError(f"{knobs} stages {shared_floats(spec, knobs) * 4} bytes of shared memory "
                              f"(limit {SHARED_LIMIT}) for {spec.describe()}")
         groups = unrolled_program(weight, knobs.channels_per_thread)
-        func = specialized_cuda_kernel(spec, groups, epilogue, knobs, self.kernel_nonzeros)
+        func = specialized_cuda_kernel(spec, groups, epilogue, knobs, self.kernel_nonzeros, self.fill_warps)
         return KernelPlan(func, spec.H, spec.W, (), self.name, knobs, spec, padded_input=False)
 
 
@@ -199,25 +202,30 @@ def _tree(T, var, keys: list[int], leaf, exact: bool):
             _tree(T, var, keys[mid:], leaf, exact)
 
 
-def kernel_parts(groups: list[ChannelGroup], limit: int) -> list[list[int]]:
-    """Consecutive runs of group indices with at most ``limit`` nonzeros each (a group is never cut).
+def kernel_parts(groups: list[ChannelGroup], limit: int, min_groups: int = 1) -> list[list[int]]:
+    """Consecutive runs of group indices with about ``limit`` nonzeros each (a group is never cut).
 
-    nvcc's front end is superlinear in a function's size (docs/notes/specialized-codegen.md), so a
-    large layer compiles far faster as several kernels over output-channel ranges, launched in turn.
+    ptxas is superlinear in a function's size (docs/notes/specialized-codegen.md), so a large layer
+    compiles faster as several kernels over output-channel ranges, launched in turn. But each kernel
+    must still fill the GPU on its own: a part takes at least ``min_groups`` groups (the last part
+    joins the one before it when it is smaller than that).
     """
     parts: list[list[int]] = [[]]
     size = 0
     for gi, g in enumerate(groups):
-        if parts[-1] and size + g.fma_count > limit:
+        if len(parts[-1]) >= min_groups and size + g.fma_count > limit:
             parts.append([])
             size = 0
         parts[-1].append(gi)
         size += g.fma_count
+    if len(parts) > 1 and len(parts[-1]) < min_groups:
+        last = parts.pop()
+        parts[-1] += last
     return parts
 
 
 def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue: Epilogue, k: SpecializedKnobs,
-                            kernel_nonzeros: int | None = None):
+                            kernel_nonzeros: int | None = None, fill_warps: int = WARPS_TO_FILL):
     """Emit the PrimFunc ``(x[N,C,H,W], bias[K], [residual[N,K,OH,OW]], y[N,K,OH,OW])``.
 
     One CUDA kernel per part of ``kernel_parts`` (launched in order by the host code TVM generates).
@@ -263,19 +271,20 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     KS = k.channel_split
 
     def emit_part(xf, bias, rf, yf, part: list[ChannelGroup]):
-        """One kernel: blockIdx.y picks a group of ``part``; threadIdx.z a slice of its chunk loop."""
+        """One kernel: blockIdx.z picks a group of ``part``; threadIdx.z a slice of its chunk loop."""
         KG = max(g.size for g in part)
         # Chunk range per group: the input channels its conv group sees.
         chunk_range = [((g.first // Kg) * Cg // CC, -(-((g.first // Kg) + 1) * Cg // CC)) for g in part]
-        bz, by, bx = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y"), T.env_thread("blockIdx.x")
+        # Group slowest, so the blocks resident at one time run few groups' code (instruction cache).
+        grp, img, tile = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y"), T.env_thread("blockIdx.x")
         tz, ty, tx = T.env_thread("threadIdx.z"), T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
         with contextlib.ExitStack() as launch:
-            for var, extent in ((bz, N), (by, len(part)), (bx, geo.tiles)) + (((tz, KS),) if KS > 1 else ()) \
+            for var, extent in ((img, N), (grp, len(part)), (tile, geo.tiles)) + (((tz, KS),) if KS > 1 else ()) \
                     + ((ty, TY), (tx, TX)):
                 launch.enter_context(T.launch_thread(var, extent))
             sz = tz if KS > 1 else i32(0)
-            n = bz
-            tile_r, tile_c = bx // geo.tiles_x, bx % geo.tiles_x
+            n = img
+            tile_r, tile_c = tile // geo.tiles_x, tile % geo.tiles_x
             # this thread's pixels: rows oh .. oh + PY - 1 of column ow (flat mode: oh == 0, ow is the pixel)
             oh, ow = (tile_r * TY + ty) * PY, tile_c * TX + tx
             tid = ty * TX + tx
@@ -298,7 +307,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     T.buffer_store(lim, i32(chunk_range[gi][0]), [i32(0)])
                     T.buffer_store(lim, i32(chunk_range[gi][1]), [i32(1)])
 
-                _tree(T, by, list(range(len(part))), set_range, exact=False)
+                _tree(T, grp, list(range(len(part))), set_range, exact=False)
                 row0, col0 = tile_r * (TY * PY * sh) - pt, tile_c * (TX * sw) - pl
                 mine = sz * (CC * PP)  # this slice's chunk in shared memory
                 sbase = mine + (ty * PY * sh) * SC + tx * sw
@@ -338,7 +347,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                         if per_chunk:  # a slice past the group's last chunk matches no case
                             _tree(T, ci, sorted(per_chunk), chunk_taps, exact=True)
 
-                    _tree(T, by, [gi for gi, g in enumerate(part) if g.taps] or [0], group_chunks,
+                    _tree(T, grp, [gi for gi, g in enumerate(part) if g.taps] or [0], group_chunks,
                           exact=not all(g.taps for g in part))
                     T.evaluate(T.tvm_storage_sync("shared"))
                 if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
@@ -374,7 +383,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
                 with_taps = [gi for gi, g in enumerate(part) if g.taps]
                 if with_taps:
-                    _tree(T, by, with_taps, group_taps, exact=len(with_taps) < len(part))
+                    _tree(T, grp, with_taps, group_taps, exact=len(with_taps) < len(part))
 
             def total(a_i):
                 if KS == 1:
@@ -407,7 +416,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                                     with T.Then():
                                         store_one(g, j, q)
 
-            _tree(T, by, list(range(len(part))), store, exact=False)
+            _tree(T, grp, list(range(len(part))), store, exact=False)
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -420,6 +429,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             xf = T.decl_buffer((N * C * H * W,), "float32", data=x.data)
             yf = T.decl_buffer((N * K * OH * OW,), "float32", data=y.data)
             rf = T.decl_buffer((N * K * OH * OW,), "float32", data=res.data) if residual else None
-            for part in kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS):
+            blocks_per_group = geo.tiles * N
+            warps_per_block = -(-NT * KS // 32)
+            min_groups = max(1, -(-fill_warps // (blocks_per_group * warps_per_block)))
+            for part in kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS, min_groups):
                 emit_part(xf, bias, rf, yf, [groups[gi] for gi in part])
     return ib.get()

@@ -139,7 +139,8 @@ def prepare_specialized(d: Path, rng) -> list[dict]:
     t_all = time.time()
     for (name, N, C, H, W, K, KH, KW, st, pad, dil, g, wkind, relu, residual) in SPEC_CASES:
         spec = ConvSpec(N, C, H, W, K, KH, KW, st, pad, dil, g)
-        rule = SpecializedCUDA(**({"kernel_nonzeros": SPEC_SPLIT[name]} if name in SPEC_SPLIT else {}))
+        split = {"kernel_nonzeros": SPEC_SPLIT[name], "fill_warps": 0} if name in SPEC_SPLIT else {}
+        rule = SpecializedCUDA(**split)
         w = _spec_weight(rng, spec, wkind)
         weight = SparseConvWeight.from_dense(w, g)
         x = rng.standard_normal(spec.input_shape).astype(np.float32)

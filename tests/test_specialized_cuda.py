@@ -177,3 +177,14 @@ def test_specialized_matches_reference_on_gpu(cuda_target, rng, name, spec, spar
     lib["k"](*targs)
     dev.sync()
     assert_close(targs[-1].numpy(), conv2d_reference(x, w, spec, b, epilogue.relu, res))
+
+
+def test_kernel_parts_cut_by_nonzeros_but_keep_enough_groups():
+    from schedules.cuda_specialized import kernel_parts
+    from schedules.unrolled import ChannelGroup, Tap
+
+    groups = [ChannelGroup(i, 1, tuple(Tap(c, 0, 0, ((0, 1.0),)) for c in range(10))) for i in range(10)]
+    assert kernel_parts(groups, 25) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert kernel_parts(groups, 25, min_groups=3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert kernel_parts(groups, 1000, min_groups=3) == [list(range(10))]
+    assert kernel_parts(groups, 5) == [[i] for i in range(10)]  # a group is never cut
