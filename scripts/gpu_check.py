@@ -78,7 +78,7 @@ SPEC_SPLIT = {"split_kernels": 200}
 # the rest on SPEC_KNOB_CASES (the kernel's code, and so the compile, grows with every variant).
 SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip", "prefetch", lambda v: not v),
                 ("rows_2", "rows_per_thread", lambda v: 2), ("cpt_4", "channels_per_thread", lambda v: 4),
-                ("rows_4", "rows_per_thread", lambda v: 4),
+                ("rows_4", "rows_per_thread", lambda v: 4), ("order_flip", "group_major", lambda v: not v),
                 ("cpt_16", "channels_per_thread", lambda v: 16), ("chunk_4", "channel_chunk", lambda v: 4),
                 ("tx_32", "threads_x", lambda v: 32), ("split_4", "channel_split", lambda v: 4),
                 ("split_2", "channel_split", lambda v: 2))
