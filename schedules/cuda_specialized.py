@@ -35,6 +35,7 @@ WARPS_TO_FILL = 132 * 16  # H200: 132 SMs; 16 resident warps each hide most load
 # into kernels of at most KERNEL_NONZEROS; above MAX_NONZEROS (VGG-16's 512x512x3x3 layers at 90%
 # have 236k) the rule refuses and the layer takes the CSR kernel.
 KERNEL_NONZEROS = 16384
+PART_GROWTH = 4  # a kernel part may grow to this many times KERNEL_NONZEROS to fill the GPU
 MAX_NONZEROS = 262144
 
 
@@ -48,6 +49,8 @@ class SpecializedKnobs(Knobs):
     prefetch: bool = True  # load the next chunk into registers before computing this one (hides latency)
     channel_split: int = 1  # slices of the block (threadIdx.z) that take every split-th chunk; summed at the end
     rows_per_thread: int = 1  # output rows per thread: a staged input row feeds the kh taps of every row
+    group_major: bool = True  # grid runs one group's blocks together (shares code) vs one image's (shares input)
+    images_per_block: int = 1  # images a block computes side by side: more warps run each fetched instruction
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32),
         "threads_x": (8, 16, 32, 64, 128),
@@ -57,14 +60,17 @@ class SpecializedKnobs(Knobs):
         "prefetch": (True, False),
         "channel_split": (1, 2, 4, 8),
         "rows_per_thread": (1, 2, 4),
+        "group_major": (True, False),
+        "images_per_block": (1, 2, 4),
     }
 
     def validate(self) -> None:
         super().validate()
         if not 32 <= self.threads_x * self.threads_y <= 1024:
             raise ValueError(f"threads_x*threads_y={self.threads_x * self.threads_y} must be in [32, 1024]")
-        if self.threads_x * self.threads_y * self.channel_split > 1024:
-            raise ValueError(f"threads_x*threads_y*channel_split={self.threads_x * self.threads_y * self.channel_split}"
+        depth = self.channel_split * self.images_per_block
+        if self.threads_x * self.threads_y * depth > 1024:
+            raise ValueError(f"threads_x*threads_y*channel_split*images_per_block={self.threads_x * self.threads_y * depth}"
                              " exceeds 1024 threads per block")
         if self.channel_split > 1 and not self.stage_input:
             raise ValueError("channel_split > 1 needs stage_input (the slices split the staged chunk loop)")
@@ -114,12 +120,14 @@ def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
 
 
 def shared_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
-    """Shared memory of a staged block: a chunk per slice, reused for the slices' partial sums."""
+    """Shared memory of a staged block: a chunk per (image, slice), reused for the slices' partial sums."""
     if not k.stage_input:
         return 0
-    partials = k.channel_split * min(k.channels_per_thread, spec.K) * k.rows_per_thread * k.threads_x * k.threads_y
-    return k.channel_split * staged_floats(spec, k) if k.channel_split == 1 else \
-        max(k.channel_split * staged_floats(spec, k), partials)
+    depth = k.channel_split * k.images_per_block
+    staged = depth * staged_floats(spec, k)
+    if k.channel_split == 1:
+        return staged
+    return max(staged, depth * min(k.channels_per_thread, spec.K) * k.rows_per_thread * k.threads_x * k.threads_y)
 
 
 class SpecializedCUDA(SparseConvRule):
@@ -163,7 +171,10 @@ class SpecializedCUDA(SparseConvRule):
         while shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_split > 1:
             knobs = knobs.with_(channel_split=knobs.channel_split // 2)
         # Prefetch holds a chunk's share per thread in registers: worth it up to 32 of them.
-        return knobs.with_(prefetch=staged_floats(spec, knobs) // (knobs.threads_x * knobs.threads_y) <= 32)
+        # Group-major grid where the code is large (measured: vgg16.conv4_2 2.45 -> 0.90 ms at batch 32 with
+        # this and the part sizes); image-major where it is small and the input is what the blocks share.
+        return knobs.with_(prefetch=staged_floats(spec, knobs) // (knobs.threads_x * knobs.threads_y) <= 32,
+                           group_major=weight.nnz > 32768)
 
     def apply(self, spec, weight, epilogue: Epilogue, knobs=None) -> KernelPlan:
         if weight.nnz > MAX_NONZEROS:
@@ -208,17 +219,21 @@ def kernel_parts(groups: list[ChannelGroup], limit: int, min_groups: int = 1) ->
     ptxas is superlinear in a function's size (docs/notes/specialized-codegen.md), so a large layer
     compiles faster as several kernels over output-channel ranges, launched in turn. But each kernel
     must still fill the GPU on its own: a part takes at least ``min_groups`` groups (the last part
-    joins the one before it when it is smaller than that).
+    joins the one before it when it is smaller than that), up to ``PART_GROWTH`` times ``limit``
+    nonzeros (batch 1 would otherwise make one kernel of a whole large layer: alexnet.conv5 took 281 s
+    of nvcc as one kernel).
     """
     parts: list[list[int]] = [[]]
     size = 0
     for gi, g in enumerate(groups):
-        if len(parts[-1]) >= min_groups and size + g.fma_count > limit:
+        full = len(parts[-1]) >= min_groups or size + g.fma_count > PART_GROWTH * limit
+        if parts[-1] and full and size + g.fma_count > limit:
             parts.append([])
             size = 0
         parts[-1].append(gi)
         size += g.fma_count
-    if len(parts) > 1 and len(parts[-1]) < min_groups:
+    if len(parts) > 1 and len(parts[-1]) < min_groups and size + sum(groups[i].fma_count for i in parts[-2]) \
+            <= PART_GROWTH * limit:
         last = parts.pop()
         parts[-1] += last
     return parts
@@ -268,22 +283,30 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 loads.setdefault(off, []).extend((j * PY + q, w) for j, w in t.fmas)
         return tuple((off, tuple(f)) for off, f in loads.items())
 
-    KS = k.channel_split
+    KS, IB = k.channel_split, k.images_per_block
 
     def emit_part(xf, bias, rf, yf, part: list[ChannelGroup]):
         """One kernel: blockIdx.z picks a group of ``part``; threadIdx.z a slice of its chunk loop."""
         KG = max(g.size for g in part)
         # Chunk range per group: the input channels its conv group sees.
         chunk_range = [((g.first // Kg) * Cg // CC, -(-((g.first // Kg) + 1) * Cg // CC)) for g in part]
-        # Group slowest, so the blocks resident at one time run few groups' code (instruction cache).
-        grp, img, tile = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y"), T.env_thread("blockIdx.x")
+        # Group slowest: the blocks resident at one time run few groups' code (instruction cache); image
+        # slowest: they read few images' input (L2), which pays when the code is small.
+        grp, img = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y")
+        if not k.group_major:
+            grp, img = img, grp
+        tile = T.env_thread("blockIdx.x")
         tz, ty, tx = T.env_thread("threadIdx.z"), T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
         with contextlib.ExitStack() as launch:
-            for var, extent in ((img, N), (grp, len(part)), (tile, geo.tiles)) + (((tz, KS),) if KS > 1 else ()) \
-                    + ((ty, TY), (tx, TX)):
+            for var, extent in ((img, -(-N // IB)), (grp, len(part)), (tile, geo.tiles)) \
+                    + (((tz, KS * IB),) if KS * IB > 1 else ()) + ((ty, TY), (tx, TX)):
                 launch.enter_context(T.launch_thread(var, extent))
-            sz = tz if KS > 1 else i32(0)
-            n = img
+            # threadIdx.z = (image of the block) * KS + (slice of the chunk loop)
+            sz = (tz % KS if IB > 1 else tz) if KS > 1 else i32(0)
+            sub = (tz // KS if KS > 1 else tz) if IB > 1 else i32(0)
+            n = img * IB + sub
+            n_ok = n < N if N % IB else tvm.tirx.const(True)
+            nl = T.min(n, N - 1) if N % IB else n  # an image past N (last block) loads image N - 1, stores nothing
             tile_r, tile_c = tile // geo.tiles_x, tile % geo.tiles_x
             # this thread's pixels: rows oh .. oh + PY - 1 of column ow (flat mode: oh == 0, ow is the pixel)
             oh, ow = (tile_r * TY + ty) * PY, tile_c * TX + tx
@@ -309,7 +332,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
                 _tree(T, grp, list(range(len(part))), set_range, exact=False)
                 row0, col0 = tile_r * (TY * PY * sh) - pt, tile_c * (TX * sw) - pl
-                mine = sz * (CC * PP)  # this slice's chunk in shared memory
+                mine = (sub * KS + sz) * (CC * PP)  # this (image, slice)'s chunk in shared memory
                 sbase = mine + (ty * PY * sh) * SC + tx * sw
 
                 def chunk_value(ci, slot, cc):
@@ -317,7 +340,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     p = tid + slot * NT
                     gh, gw = row0 + p // SC, col0 + p % SC
                     ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE, ci * CC + cc < C)
-                    return tvm.tirx.if_then_else(ok, xf[(n * C + ci * CC + cc) * HW + gh * WE + gw], f32(0.0))
+                    return tvm.tirx.if_then_else(ok, xf[(nl * C + ci * CC + cc) * HW + gh * WE + gw], f32(0.0))
 
                 slots = [(slot, cc) for slot in range(NS) for cc in range(CC)]
                 if k.prefetch:  # registers carry the next chunk while this one is computed
@@ -352,7 +375,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     T.evaluate(T.tvm_storage_sync("shared"))
                 if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
                     for a_i, a in enumerate(acc):
-                        T.buffer_store(sm, a[0], [(sz * KG * PY + a_i) * NT + tid])
+                        T.buffer_store(sm, a[0], [((sub * KS + sz) * KG * PY + a_i) * NT + tid])
                     T.evaluate(T.tvm_storage_sync("shared"))
             else:
                 ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
@@ -360,9 +383,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
                 def load_direct(t):
                     if geo.flat:
-                        return xf[(n * C + t.c) * HW + owc]
+                        return xf[(nl * C + t.c) * HW + owc]
                     ih, iw = ohc * sh + (t.kh * dh - pt), owc * sw + (t.kw * dw - pl)
-                    v = xf[(n * C + t.c) * HW + ih * W + iw]
+                    v = xf[(nl * C + t.c) * HW + ih * W + iw]
                     if not padded:
                         return v
                     return tvm.tirx.if_then_else(tvm.tirx.all(ih >= 0, ih < H, iw >= 0, iw < W), v, f32(0.0))
@@ -374,9 +397,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                         return
                     # Unpadded: every tap is a fixed offset from this thread's first input element.
                     if geo.flat:
-                        base, offs = xf[n * C * HW + owc], lambda t: t.c * HW
+                        base, offs = xf[nl * C * HW + owc], lambda t: t.c * HW
                     else:
-                        base = xf[n * C * HW + ohc * sh * W + owc * sw]
+                        base = xf[nl * C * HW + ohc * sh * W + owc * sw]
                         offs = lambda t: t.c * HW + t.kh * dh * W + t.kw * dw  # noqa: E731
                     run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in part[gi].taps))
                     ptx_taps.emit(T, run, acc, T.address_of(base))
@@ -388,9 +411,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             def total(a_i):
                 if KS == 1:
                     return acc[a_i][0]
-                v = sm[a_i * NT + tid]
+                v = sm[(sub * KS * KG * PY + a_i) * NT + tid]
                 for s_ in range(1, KS):
-                    v = v + sm[(s_ * KG * PY + a_i) * NT + tid]
+                    v = v + sm[((sub * KS + s_) * KG * PY + a_i) * NT + tid]
                 return v
 
             def store_one(g, j, q):
@@ -406,7 +429,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             def store(gi):
                 g = part[gi]
                 for q in range(PY):
-                    with T.If(tvm.tirx.all(oh + q < geo.OH, ow < geo.OW)):
+                    with T.If(tvm.tirx.all(oh + q < geo.OH, ow < geo.OW, n_ok)):
                         with T.Then():
                             for j in range(g.size):
                                 if KS == 1:
@@ -429,8 +452,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             xf = T.decl_buffer((N * C * H * W,), "float32", data=x.data)
             yf = T.decl_buffer((N * K * OH * OW,), "float32", data=y.data)
             rf = T.decl_buffer((N * K * OH * OW,), "float32", data=res.data) if residual else None
-            blocks_per_group = geo.tiles * N
-            warps_per_block = -(-NT * KS // 32)
+            blocks_per_group = geo.tiles * -(-N // IB)
+            warps_per_block = -(-NT * KS * IB // 32)
             min_groups = max(1, -(-fill_warps // (blocks_per_group * warps_per_block)))
             for part in kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS, min_groups):
                 emit_part(xf, bias, rf, yf, [groups[gi] for gi in part])

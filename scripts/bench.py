@@ -438,6 +438,8 @@ SPEC_CHANGES = {
     "stage_flip": ("stage_input", lambda v: not v), "prefetch_flip": ("prefetch", lambda v: not v),
     "no_split": ("channel_split", lambda v: 1), "split_x2": ("channel_split", lambda v: v * 2),
     "rows_2": ("rows_per_thread", lambda v: 2), "rows_4": ("rows_per_thread", lambda v: 4),
+    "order_flip": ("group_major", lambda v: not v),
+    "ib_2": ("images_per_block", lambda v: 2), "ib_4": ("images_per_block", lambda v: 4),
     "tx_x2": ("threads_x", lambda v: v * 2), "tx_half": ("threads_x", lambda v: v // 2),
     "ty_x2": ("threads_y", lambda v: v * 2), "ty_half": ("threads_y", lambda v: v // 2),
     "chunk_x2": ("channel_chunk", lambda v: v * 2), "chunk_half": ("channel_chunk", lambda v: v // 2),

@@ -77,12 +77,13 @@ SPEC_SPLIT = {"split_kernels": 200}
 # as the benchmark layers use, come from these): the staging flip and 4 channels per thread on every case,
 # the rest on SPEC_KNOB_CASES (the kernel's code, and so the compile, grows with every variant).
 SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip", "prefetch", lambda v: not v),
-                ("rows_2", "rows_per_thread", lambda v: 2), ("cpt_4", "channels_per_thread", lambda v: 4),
-                ("rows_4", "rows_per_thread", lambda v: 4),
+                ("rows_2", "rows_per_thread", lambda v: 2), ("ib_2", "images_per_block", lambda v: 2),
+                ("cpt_4", "channels_per_thread", lambda v: 4), ("ib_4_split", "images_per_block", lambda v: 4),
+                ("rows_4", "rows_per_thread", lambda v: 4), ("order_flip", "group_major", lambda v: not v),
                 ("cpt_16", "channels_per_thread", lambda v: 16), ("chunk_4", "channel_chunk", lambda v: 4),
                 ("tx_32", "threads_x", lambda v: 32), ("split_4", "channel_split", lambda v: 4),
                 ("split_2", "channel_split", lambda v: 2))
-SPEC_BASIC_CHANGES = 4
+SPEC_BASIC_CHANGES = 5
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels")
 
 

@@ -188,3 +188,12 @@ def test_kernel_parts_cut_by_nonzeros_but_keep_enough_groups():
     assert kernel_parts(groups, 25, min_groups=3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
     assert kernel_parts(groups, 1000, min_groups=3) == [list(range(10))]
     assert kernel_parts(groups, 5) == [[i] for i in range(10)]  # a group is never cut
+
+
+def test_kernel_parts_stop_growing_for_compile_time():
+    from schedules.cuda_specialized import PART_GROWTH, kernel_parts
+    from schedules.unrolled import ChannelGroup, Tap
+
+    groups = [ChannelGroup(i, 1, tuple(Tap(c, 0, 0, ((0, 1.0),)) for c in range(10))) for i in range(40)]
+    parts = kernel_parts(groups, 20, min_groups=100)  # the groups could never fill the GPU
+    assert [len(p) for p in parts] == [PART_GROWTH * 2] * (40 // (PART_GROWTH * 2))
