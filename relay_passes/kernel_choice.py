@@ -2,9 +2,9 @@
 
 Order of authority: a kernel the user forces (``build(..., kernel=...)``), then the fastest record of a
 tuning log for this conv, then the cost rule below. The cost rule is what the measurements in
-``docs/notes/specialized-codegen.md`` support: the specialised kernel wherever its rule accepts the
-layer (it refuses layers whose code would be too large) while the build's compile-time budget lasts,
-the CSR kernel otherwise. Every fallback is said in the conv's report.
+``docs/benchmarks.md`` and ``docs/notes/specialized-codegen.md`` support: the specialised kernel where
+``specialized_pays`` and its rule accept the layer, while the build's compile-time budget lasts; the
+CSR kernel otherwise. Every fallback is said in the conv's report.
 """
 from __future__ import annotations
 
@@ -14,9 +14,24 @@ from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
 KERNELS = ("auto", "sparse", "specialized", "dense")
-# Nonzeros per build that may go to specialised kernels: each costs ~2-3 ms of compile time on the
-# 2-core build machine, so this keeps a whole-network build within a few minutes.
-DEFAULT_SPECIALIZED_BUDGET = 131072
+# Nonzeros per build that may go to specialised kernels: each costs ~0.2-0.4 ms of compile time on
+# the 2-core build machine (PTX blocks; docs/notes/specialized-codegen.md), so this is a few minutes.
+DEFAULT_SPECIALIZED_BUDGET = 1 << 20
+# Where the specialised kernel pays (H200, docs/benchmarks.md): at batch 32 it beat the CSR kernel on
+# all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros and lost every layer
+# from 58982 up (alexnet.conv3-5, vgg16.conv3_2/4_2: 1.4-4x slower), because few warps run each
+# group's straight-line code and every instruction line is fetched for them alone. Batches 2-15
+# were not measured; they take the batch-1 rule.
+SPECIALIZED_MAX_NNZ_SMALL_BATCH = 32768
+SPECIALIZED_LARGE_BATCH = 16
+
+
+def specialized_pays(spec: ConvSpec, weight: SparseConvWeight) -> str | None:
+    """None where the cost rule expects the specialised kernel to beat the CSR kernel, else why not."""
+    if spec.N >= SPECIALIZED_LARGE_BATCH or weight.nnz <= SPECIALIZED_MAX_NNZ_SMALL_BATCH:
+        return None
+    return (f"cost rule: at batch {spec.N} (< {SPECIALIZED_LARGE_BATCH}) a layer of {weight.nnz} nonzeros "
+            f"(> {SPECIALIZED_MAX_NNZ_SMALL_BATCH}) runs faster on the CSR kernel")
 
 
 @dataclass
@@ -82,7 +97,8 @@ class KernelChooser:
                     return plan, [f"tuning log: {best[0]} fastest ({best[2]:.4g} ms)"]
                 notes.append(f"tuning log's choice {best[0]} not usable: {why}")
         for kind in order:
-            plan, why = self._try(kind, spec, weight, epilogue)
+            why = specialized_pays(spec, weight) if (kind, self.kernel) == ("specialized", "auto") else None
+            plan, why = (None, why) if why else self._try(kind, spec, weight, epilogue)
             if plan is not None:
                 return plan, notes
             notes.append(f"{kind} kernel not used: {why}")

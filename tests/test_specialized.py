@@ -157,3 +157,20 @@ def test_auto_follows_the_tuning_log(rng, tmp_path):
     assert r.kernel == "specialized" and "'channels_per_thread': 2" in r.schedule and "tuning log" in r.notes[0]
     x = randn(rng, (1, 6, 9, 10))
     assert_close(built(x), ort_reference(model, {"x": x}))
+
+
+def test_auto_cost_rule_keeps_large_layers_on_csr_at_small_batch(rng):
+    from relay_passes.kernel_choice import SPECIALIZED_LARGE_BATCH, SPECIALIZED_MAX_NNZ_SMALL_BATCH
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    w = pruned(rng, (128, 128, 3, 3), 0.7)
+    weight = SparseConvWeight.from_dense(w)
+    assert weight.nnz > SPECIALIZED_MAX_NNZ_SMALL_BATCH
+    small = ConvSpec(N=1, C=128, H=4, W=4, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
+    plan, notes = KernelChooser(rules_for(target)).plan(small, weight, Epilogue())
+    assert plan.rule == "cuda.register_tiled" and "cost rule" in notes[0]
+    forced, _ = KernelChooser(rules_for(target), kernel="specialized").plan(small, weight, Epilogue())
+    assert forced.rule == SpecializedCUDA.name  # the rule only steers "auto"
+    large = ConvSpec(N=SPECIALIZED_LARGE_BATCH, C=128, H=4, W=4, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
+    plan, notes = KernelChooser(rules_for(target)).plan(large, weight, Epilogue())
+    assert plan.rule == SpecializedCUDA.name and notes == []
