@@ -35,7 +35,10 @@ WARPS_TO_FILL = 132 * 16  # H200: 132 SMs; 16 resident warps each hide most load
 # into kernels of at most KERNEL_NONZEROS; above MAX_NONZEROS (VGG-16's 512x512x3x3 layers at 90%
 # have 236k) the rule refuses and the layer takes the CSR kernel.
 KERNEL_NONZEROS = 16384
-PART_GROWTH = 4  # a kernel part may grow to this many times KERNEL_NONZEROS to fill the GPU
+# A kernel part may grow to this many times KERNEL_NONZEROS to fill the GPU. 4 cost batch 32 dearly
+# (vgg16.conv5_2 0.40 -> 0.65 ms, resnet50.l4.3x3 0.19 -> 0.27 ms: more, smaller launches); 16 leaves every
+# bench layer uncapped and only bounds batch-1 builds, which the cost rule keeps on CSR above 32768 anyway.
+PART_GROWTH = 16
 MAX_NONZEROS = 262144
 
 
@@ -171,10 +174,9 @@ class SpecializedCUDA(SparseConvRule):
         while shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_split > 1:
             knobs = knobs.with_(channel_split=knobs.channel_split // 2)
         # Prefetch holds a chunk's share per thread in registers: worth it up to 32 of them.
-        # Group-major grid where the code is large (measured: vgg16.conv4_2 2.45 -> 0.90 ms at batch 32 with
-        # this and the part sizes); image-major where it is small and the input is what the blocks share.
-        return knobs.with_(prefetch=staged_floats(spec, knobs) // (knobs.threads_x * knobs.threads_y) <= 32,
-                           group_major=weight.nnz > 32768)
+        # group_major stays on (vgg16.conv4_2: 2.45 -> 0.90 ms at batch 32 with it and the part sizes);
+        # image-major won on vgg16.conv1_2 (0.49 vs 0.66 ms) but lost or tied on most others: a tuning knob.
+        return knobs.with_(prefetch=staged_floats(spec, knobs) // (knobs.threads_x * knobs.threads_y) <= 32)
 
     def apply(self, spec, weight, epilogue: Epilogue, knobs=None) -> KernelPlan:
         if weight.nnz > MAX_NONZEROS:
@@ -220,8 +222,8 @@ def kernel_parts(groups: list[ChannelGroup], limit: int, min_groups: int = 1) ->
     compiles faster as several kernels over output-channel ranges, launched in turn. But each kernel
     must still fill the GPU on its own: a part takes at least ``min_groups`` groups (the last part
     joins the one before it when it is smaller than that), up to ``PART_GROWTH`` times ``limit``
-    nonzeros (batch 1 would otherwise make one kernel of a whole large layer: alexnet.conv5 took 281 s
-    of nvcc as one kernel).
+    nonzeros (a forced batch-1 build would otherwise make one kernel of a whole large layer:
+    alexnet.conv5 took 281 s of nvcc as one kernel).
     """
     parts: list[list[int]] = [[]]
     size = 0

@@ -194,6 +194,7 @@ def test_kernel_parts_stop_growing_for_compile_time():
     from schedules.cuda_specialized import PART_GROWTH, kernel_parts
     from schedules.unrolled import ChannelGroup, Tap
 
-    groups = [ChannelGroup(i, 1, tuple(Tap(c, 0, 0, ((0, 1.0),)) for c in range(10))) for i in range(40)]
-    parts = kernel_parts(groups, 20, min_groups=100)  # the groups could never fill the GPU
-    assert [len(p) for p in parts] == [PART_GROWTH * 2] * (40 // (PART_GROWTH * 2))
+    per_part = PART_GROWTH * 2  # groups of 10 nonzeros, limit 20
+    groups = [ChannelGroup(i, 1, tuple(Tap(c, 0, 0, ((0, 1.0),)) for c in range(10))) for i in range(3 * per_part + 1)]
+    parts = kernel_parts(groups, 20, min_groups=10**6)  # the groups could never fill the GPU
+    assert [len(p) for p in parts] == [per_part] * 3 + [1]  # the short tail cannot join a full part
