@@ -73,8 +73,9 @@ class SpecializedKnobs(Knobs):
             raise ValueError(f"threads_x*threads_y={self.threads_x * self.threads_y} must be in [32, 1024]")
         depth = self.channel_split * self.images_per_block
         if self.threads_x * self.threads_y * depth > 1024:
-            raise ValueError(f"threads_x*threads_y*channel_split*images_per_block={self.threads_x * self.threads_y * depth}"
-                             " exceeds 1024 threads per block")
+            threads = self.threads_x * self.threads_y * depth
+            raise ValueError(f"threads_x*threads_y*channel_split*images_per_block={threads} exceeds 1024 threads "
+                             "per block")
         if self.channel_split > 1 and not self.stage_input:
             raise ValueError("channel_split > 1 needs stage_input (the slices split the staged chunk loop)")
         if self.rows_per_thread > 1 and not self.stage_input:
