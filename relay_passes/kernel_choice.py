@@ -97,8 +97,11 @@ class KernelChooser:
                     return plan, [f"tuning log: {best[0]} fastest ({best[2]:.4g} ms)"]
                 notes.append(f"tuning log's choice {best[0]} not usable: {why}")
         for kind in order:
+            # The cost rule steers the automatic choice only; a forced kernel or a tuning log overrides it.
             why = specialized_pays(spec, weight) if (kind, self.kernel) == ("specialized", "auto") else None
-            plan, why = (None, why) if why else self._try(kind, spec, weight, epilogue)
+            plan = None
+            if why is None:
+                plan, why = self._try(kind, spec, weight, epilogue)
             if plan is not None:
                 return plan, notes
             notes.append(f"{kind} kernel not used: {why}")

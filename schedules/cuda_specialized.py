@@ -29,11 +29,11 @@ from .unrolled import ChannelGroup, unrolled_program
 
 SHARED_LIMIT = 48 * 1024  # static shared memory per block without opt-in
 WARPS_TO_FILL = 132 * 16  # H200: 132 SMs; 16 resident warps each hide most load latency
-# Code size grows with the nonzeros (one FMA instruction each), and so does compile time: on the
-# 2-core build machine TVM's lowering takes ~0.7 ms per nonzero and nvcc ~1.2 ms per nonzero in
-# kernels of KERNEL_NONZEROS, more in larger ones (docs/notes/specialized-codegen.md). A layer is cut
-# into kernels of at most KERNEL_NONZEROS; above MAX_NONZEROS (VGG-16's 512x512x3x3 layers at 90%
-# have 236k) the rule refuses and the layer takes the CSR kernel.
+# Code size grows with the nonzeros (one FMA instruction each), and so does compile time: with PTX
+# blocks ~0.07 ms of TVM lowering and ~0.2 ms of nvcc (mostly ptxas) per nonzero in kernels of
+# KERNEL_NONZEROS on the 2-core build machine, more in larger ones (docs/notes/specialized-codegen.md).
+# A layer is cut into kernels of about KERNEL_NONZEROS (see kernel_parts); above MAX_NONZEROS (VGG-16's
+# 512x512x3x3 layers at 90% have 236k) the rule refuses and the layer takes the CSR kernel.
 KERNEL_NONZEROS = 16384
 # A kernel part may grow to this many times KERNEL_NONZEROS to fill the GPU. 4 cost batch 32 dearly
 # (vgg16.conv5_2 0.40 -> 0.65 ms, resnet50.l4.3x3 0.19 -> 0.27 ms: more, smaller launches); 16 leaves every
@@ -227,18 +227,18 @@ def kernel_parts(groups: list[ChannelGroup], limit: int, min_groups: int = 1) ->
     alexnet.conv5 took 281 s of nvcc as one kernel).
     """
     parts: list[list[int]] = [[]]
-    size = 0
+    sizes = [0]  # nonzeros of each part
     for gi, g in enumerate(groups):
-        full = len(parts[-1]) >= min_groups or size + g.fma_count > PART_GROWTH * limit
-        if parts[-1] and full and size + g.fma_count > limit:
+        grown = sizes[-1] + g.fma_count
+        full = len(parts[-1]) >= min_groups or grown > PART_GROWTH * limit
+        if parts[-1] and full and grown > limit:
             parts.append([])
-            size = 0
+            sizes.append(0)
         parts[-1].append(gi)
-        size += g.fma_count
-    if len(parts) > 1 and len(parts[-1]) < min_groups and size + sum(groups[i].fma_count for i in parts[-2]) \
-            <= PART_GROWTH * limit:
-        last = parts.pop()
-        parts[-1] += last
+        sizes[-1] += g.fma_count
+    if len(parts) > 1 and len(parts[-1]) < min_groups and sizes[-2] + sizes[-1] <= PART_GROWTH * limit:
+        tail = parts.pop()  # a short tail joins the part before it (popped first: parts[-2] += parts.pop()
+        parts[-1] += tail   # would store into the wrong slot)
     return parts
 
 
@@ -314,6 +314,11 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             # this thread's pixels: rows oh .. oh + PY - 1 of column ow (flat mode: oh == 0, ow is the pixel)
             oh, ow = (tile_r * TY + ty) * PY, tile_c * TX + tx
             tid = ty * TX + tx
+
+            def partial(slice_, a_i):
+                """Where slice ``slice_`` leaves accumulator ``a_i`` of this thread's image (split reduction)."""
+                return ((sub * KS + slice_) * KG * PY + a_i) * NT + tid
+
             acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG * PY)]  # slot j * PY + q
             val = T.alloc_buffer((1,), "float32", scope="local")
             for a in acc:
@@ -378,7 +383,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     T.evaluate(T.tvm_storage_sync("shared"))
                 if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
                     for a_i, a in enumerate(acc):
-                        T.buffer_store(sm, a[0], [((sub * KS + sz) * KG * PY + a_i) * NT + tid])
+                        T.buffer_store(sm, a[0], [partial(sz, a_i)])
                     T.evaluate(T.tvm_storage_sync("shared"))
             else:
                 ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
@@ -414,9 +419,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             def total(a_i):
                 if KS == 1:
                     return acc[a_i][0]
-                v = sm[(sub * KS * KG * PY + a_i) * NT + tid]
+                v = sm[partial(0, a_i)]
                 for s_ in range(1, KS):
-                    v = v + sm[((sub * KS + s_) * KG * PY + a_i) * NT + tid]
+                    v = v + sm[partial(s_, a_i)]
                 return v
 
             def store_one(g, j, q):

@@ -522,9 +522,14 @@ def ptx_global_loads(ptx: str) -> dict[str, int]:
     return out
 
 
+def _part_of(name: str, kernel: str) -> bool:
+    """Whether ``name`` is ``kernel`` or one of its parts (a large layer is cut into ``kernel``, ``kernel_1``...)."""
+    return name == kernel or name.startswith(kernel + "_")
+
+
 def _kernel_text_bytes(sections: dict, kernel: str) -> int | None:
-    """SASS bytes of a specialised kernel: the .text of each of its kernels (a large layer is cut into several)."""
-    sizes = [v for k, v in sections.items() if k == f".text.{kernel}" or k.startswith(f".text.{kernel}_")]
+    """SASS bytes of a specialised kernel: the .text of each of its parts."""
+    sizes = [v for k, v in sections.items() if _part_of(k, f".text.{kernel}")]
     return sum(sizes) if sizes else None
 
 
@@ -578,7 +583,7 @@ def build_specialized(job: dict) -> dict:
     cpu = time.process_time() - c0 + sum(c["nvcc_cpu_s"] for c in cap.compiles)
     source = cuda_source(ex)
     kernel = f"{sym}_kernel"
-    kernels = [k for k in re.findall(GLOBAL_FN, source) if k == kernel or k.startswith(kernel + "_")]
+    kernels = [k for k in re.findall(GLOBAL_FN, source) if _part_of(k, kernel)]
     if kernel not in kernels:
         raise RuntimeError(f"{sym} was not compiled as a GPU kernel")
     if len(cap.compiles) != 1:
@@ -603,7 +608,7 @@ def build_specialized(job: dict) -> dict:
                      "cubin_bytes": cc["cubin_bytes"],
                      "fatbin_bytes": cc["fatbin_bytes"], "so_bytes": len(raw), "xz_bytes": dest.stat().st_size,
                      "source_bytes": cc["source_bytes"], "ptx_bytes": len(cc["ptx"].encode())},
-            "resources": {k: r for k, r in cc["resources"].items() if k == kernel or k.startswith(kernel + "_")},
+            "resources": {k: r for k, r in cc["resources"].items() if _part_of(k, kernel)},
             "device_params": params, "ptx_global_loads": ptx_global_loads(cc["ptx"]),
             "nvcc_command": cc["command"], "ptxas_report": cc["report"][-2000:]}
 
