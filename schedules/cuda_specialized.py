@@ -54,6 +54,10 @@ class SpecializedKnobs(Knobs):
     rows_per_thread: int = 1  # output rows per thread: a staged input row feeds the kh taps of every row
     group_major: bool = True  # grid runs one group's blocks together (shares code) vs one image's (shares input)
     images_per_block: int = 1  # images a block computes side by side: more warps run each fetched instruction
+    # Tiles a block runs in turn through each staged chunk, their accumulators parked in shared memory:
+    # a chunk's code (a few KB) is then executed tiles_per_block times back to back from the instruction
+    # cache instead of once per block (the large layers stall on instruction fetch; see the notes).
+    tiles_per_block: int = 1
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32),
         "threads_x": (8, 16, 32, 64, 128),
@@ -65,6 +69,7 @@ class SpecializedKnobs(Knobs):
         "rows_per_thread": (1, 2, 4),
         "group_major": (True, False),
         "images_per_block": (1, 2, 4),
+        "tiles_per_block": (1, 2, 4),
     }
 
     def validate(self) -> None:
@@ -80,6 +85,11 @@ class SpecializedKnobs(Knobs):
             raise ValueError("channel_split > 1 needs stage_input (the slices split the staged chunk loop)")
         if self.rows_per_thread > 1 and not self.stage_input:
             raise ValueError("rows_per_thread > 1 needs stage_input (rows share staged input)")
+        if self.tiles_per_block > 1 and not self.stage_input:
+            raise ValueError("tiles_per_block > 1 needs stage_input (the tiles loop inside the staged chunk loop)")
+        if self.tiles_per_block > 1 and self.channel_split * self.images_per_block > 1:
+            raise ValueError("tiles_per_block > 1 needs channel_split == images_per_block == 1 (their shared "
+                             "memory holds the parked accumulators)")
 
 
 @dataclass(frozen=True)
@@ -92,27 +102,50 @@ class _Geometry:
     TX: int
     TY: int
     PY: int = 1  # output rows per thread
+    # Thread tiles per block, run in turn: stacked down the rows (flat mode: along the row) where the image
+    # has that many, else one per image (small images: 7x7 to 14x14 outputs)
+    TB: int = 1
 
     @classmethod
     def of(cls, spec: ConvSpec, k: SpecializedKnobs) -> "_Geometry":
         flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
         if flat:
-            return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, 1)
-        return cls(False, spec.OH, spec.OW, k.threads_x, k.threads_y, k.rows_per_thread)
+            return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, 1, k.tiles_per_block)
+        return cls(False, spec.OH, spec.OW, k.threads_x, k.threads_y, k.rows_per_thread, k.tiles_per_block)
+
+    @property
+    def stack_images(self) -> bool:
+        """The block's tiles are images (the image is too small to stack TB tiles in it)."""
+        along = -(-self.OW // self.TX) if self.flat else -(-self.OH // (self.TY * self.PY))
+        return self.TB > 1 and along < self.TB
+
+    @property
+    def images(self) -> int:
+        """Images one block covers in turn."""
+        return self.TB if self.stack_images else 1
+
+    @property
+    def block_rows(self) -> int:
+        return self.TY * self.PY * (1 if self.flat or self.stack_images else self.TB)
+
+    @property
+    def block_cols(self) -> int:
+        return self.TX * (self.TB if self.flat and not self.stack_images else 1)
 
     @property
     def tiles_x(self) -> int:
-        return -(-self.OW // self.TX)
+        return -(-self.OW // self.block_cols)
 
     @property
     def tiles(self) -> int:
-        return self.tiles_x * -(-self.OH // (self.TY * self.PY))
+        """Blocks per (image, group)."""
+        return self.tiles_x * -(-self.OH // self.block_rows)
 
     def halo(self, spec: ConvSpec) -> tuple[int, int]:
         """Rows and columns of the input tile a block stages."""
         (sh, sw), (dh, dw) = spec.stride, spec.dilation
-        return ((self.TY * self.PY - 1) * sh + (spec.KH - 1) * dh + 1,
-                (self.TX - 1) * sw + (spec.KW - 1) * dw + 1)
+        return ((self.block_rows - 1) * sh + (spec.KH - 1) * dh + 1,
+                (self.block_cols - 1) * sw + (spec.KW - 1) * dw + 1)
 
 
 def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
@@ -123,15 +156,27 @@ def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     return min(k.channel_chunk, spec.C) * -(-rows * cols // nt) * nt
 
 
-def shared_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
-    """Shared memory of a staged block: a chunk per (image, slice), reused for the slices' partial sums."""
+def staging_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
+    """The staging buffer: a chunk per (image, slice), reused for the slices' partial sums."""
     if not k.stage_input:
         return 0
-    depth = k.channel_split * k.images_per_block
+    depth = k.channel_split * k.images_per_block * _Geometry.of(spec, k).images
     staged = depth * staged_floats(spec, k)
     if k.channel_split == 1:
         return staged
     return max(staged, depth * min(k.channels_per_thread, spec.K) * k.rows_per_thread * k.threads_x * k.threads_y)
+
+
+def parked_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
+    """Accumulators parked in shared memory while a block's other tiles run (tiles_per_block > 1)."""
+    if k.tiles_per_block == 1:
+        return 0
+    return k.tiles_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread * k.threads_x * k.threads_y
+
+
+def shared_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
+    """Shared memory of a block, in floats."""
+    return staging_floats(spec, k) + parked_floats(spec, k)
 
 
 class SpecializedCUDA(SparseConvRule):
@@ -286,7 +331,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 loads.setdefault(off, []).extend((j * PY + q, w) for j, w in t.fmas)
         return tuple((off, tuple(f)) for off, f in loads.items())
 
-    KS, IB = k.channel_split, k.images_per_block
+    KS, IB, TB, TI = k.channel_split, k.images_per_block, geo.TB, geo.images
 
     def emit_part(xf, bias, rf, yf, part: list[ChannelGroup]):
         """One kernel: blockIdx.z picks a group of ``part``; threadIdx.z a slice of its chunk loop."""
@@ -301,25 +346,46 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
         tile = T.env_thread("blockIdx.x")
         tz, ty, tx = T.env_thread("threadIdx.z"), T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
         with contextlib.ExitStack() as launch:
-            for var, extent in ((img, -(-N // IB)), (grp, len(part)), (tile, geo.tiles)) \
+            for var, extent in ((img, -(-N // (IB * TI))), (grp, len(part)), (tile, geo.tiles)) \
                     + (((tz, KS * IB),) if KS * IB > 1 else ()) + ((ty, TY), (tx, TX)):
                 launch.enter_context(T.launch_thread(var, extent))
             # threadIdx.z = (image of the block) * KS + (slice of the chunk loop)
             sz = (tz % KS if IB > 1 else tz) if KS > 1 else i32(0)
             sub = (tz // KS if KS > 1 else tz) if IB > 1 else i32(0)
             n = img * IB + sub
-            n_ok = n < N if N % IB else tvm.tirx.const(True)
-            nl = T.min(n, N - 1) if N % IB else n  # an image past N (last block) loads image N - 1, stores nothing
+
+            def image(t):
+                """Tile ``t``'s image; past N (the last block) it loads image N - 1 and stores nothing."""
+                n_t = img * TI + t if TI > 1 else n
+                ragged = N % (IB * TI)
+                return n_t, (n_t < N if ragged else tvm.tirx.const(True)), (T.min(n_t, N - 1) if ragged else n_t)
+
+            nl = image(i32(0))[2]
             tile_r, tile_c = tile // geo.tiles_x, tile % geo.tiles_x
-            # this thread's pixels: rows oh .. oh + PY - 1 of column ow (flat mode: oh == 0, ow is the pixel)
-            oh, ow = (tile_r * TY + ty) * PY, tile_c * TX + tx
             tid = ty * TX + tx
+
+            def pixel(t):
+                """This thread's pixels in the block's tile ``t``: rows oh .. oh + PY - 1 of column ow (flat mode:
+                oh == 0, ow is the pixel). Tiles stack down the rows (flat mode: along the row)."""
+                tr = 1 if TI > 1 else TB  # tiles stacked in the image
+                if TI > 1:
+                    t = i32(0)
+                if geo.flat:
+                    return i32(0), (tile_c * tr + t) * TX + tx
+                return ((tile_r * tr + t) * TY + ty) * PY, tile_c * TX + tx
+
+            oh, ow = pixel(i32(0))
 
             def partial(slice_, a_i):
                 """Where slice ``slice_`` leaves accumulator ``a_i`` of this thread's image (split reduction)."""
                 return ((sub * KS + slice_) * KG * PY + a_i) * NT + tid
 
             acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG * PY)]  # slot j * PY + q
+            if TB > 1:  # tile t's slot a_i lives at parked[(t * KG * PY + a_i) * NT + tid]: private, conflict-free
+                parked = T.alloc_buffer((TB * KG * PY * NT,), "float32", scope="shared")
+
+                def park(t, store: bool):
+                    ptx_taps.emit_park(T, acc, T.address_of(parked[t * (KG * PY * NT) + tid]), 4 * NT, store)
             val = T.alloc_buffer((1,), "float32", scope="local")
             for a in acc:
                 T.buffer_store(a, f32(0.0), [i32(0)])
@@ -330,7 +396,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     T.buffer_store(acc[j], acc[j][0] + val[0] * f32(w), [i32(0)])
 
             if k.stage_input:
-                sm = T.alloc_buffer((shared_floats(spec, k.with_(channels_per_thread=KG)),), "float32",
+                sm = T.alloc_buffer((staging_floats(spec, k.with_(channels_per_thread=KG)),), "float32",
                                     scope="shared")
                 lim = T.alloc_buffer((2,), "int32", scope="local")  # this group's chunk range
 
@@ -339,47 +405,68 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     T.buffer_store(lim, i32(chunk_range[gi][1]), [i32(1)])
 
                 _tree(T, grp, list(range(len(part))), set_range, exact=False)
-                row0, col0 = tile_r * (TY * PY * sh) - pt, tile_c * (TX * sw) - pl
-                mine = (sub * KS + sz) * (CC * PP)  # this (image, slice)'s chunk in shared memory
-                sbase = mine + (ty * PY * sh) * SC + tx * sw
+                row0, col0 = tile_r * (geo.block_rows * sh) - pt, tile_c * (geo.block_cols * sw) - pl
+                def mine(t):
+                    """This (image, slice)'s chunk in shared memory."""
+                    return ((sub * KS + sz) * TI + (t if TI > 1 else 0)) * (CC * PP)
 
-                def chunk_value(ci, slot, cc):
+                def sbase(t):
+                    """This thread's first staged element in tile ``t``."""
+                    r, c = pixel(t)
+                    return mine(t) + (r - tile_r * geo.block_rows) * sh * SC + (c - tile_c * geo.block_cols) * sw
+
+                def chunk_value(ci, slot, cc, t):
                     """This thread's element ``slot`` of channel ``cc`` of chunk ``ci`` (0 outside the image)."""
                     p = tid + slot * NT
                     gh, gw = row0 + p // SC, col0 + p % SC
                     ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE, ci * CC + cc < C)
-                    return tvm.tirx.if_then_else(ok, xf[(nl * C + ci * CC + cc) * HW + gh * WE + gw], f32(0.0))
+                    return tvm.tirx.if_then_else(ok, xf[(image(t)[2] * C + ci * CC + cc) * HW + gh * WE + gw],
+                                                 f32(0.0))
 
-                slots = [(slot, cc) for slot in range(NS) for cc in range(CC)]
+                slots = [(slot, cc, ti) for ti in range(TI) for slot in range(NS) for cc in range(CC)]
+                if TB > 1:  # every tile starts at zero (plain stores: they also tell TVM the buffer's full extent,
+                    # which it would otherwise shrink to the addresses it sees passed to the PTX moves)
+                    for t in range(TB):
+                        for a_i in range(KG * PY):
+                            T.buffer_store(parked, f32(0.0), [(t * (KG * PY) + a_i) * NT + tid])
                 if k.prefetch:  # registers carry the next chunk while this one is computed
                     pre = [T.alloc_buffer((1,), "float32", scope="local") for _ in slots]
-                    for r, (slot, cc) in zip(pre, slots):
-                        T.buffer_store(r, chunk_value(lim[0] + sz, slot, cc), [i32(0)])
+                    for r, (slot, cc, ti) in zip(pre, slots):
+                        T.buffer_store(r, chunk_value(lim[0] + sz, slot, cc, i32(ti)), [i32(0)])
                 # Slice sz takes chunks lim[0] + sz, + KS, ...; every slice runs the same trip count (barriers).
                 with T.serial(0, (lim[1] - lim[0] + (KS - 1)) // KS) as i:
                     ci = lim[0] + i * KS + sz
-                    for r, (slot, cc) in enumerate(slots):
-                        v = pre[r][0] if k.prefetch else chunk_value(ci, slot, cc)
-                        T.buffer_store(sm, v, [mine + cc * PP + tid + slot * NT])
+                    for r, (slot, cc, ti) in enumerate(slots):
+                        v = pre[r][0] if k.prefetch else chunk_value(ci, slot, cc, i32(ti))
+                        T.buffer_store(sm, v, [mine(i32(ti)) + cc * PP + tid + slot * NT])
                     T.evaluate(T.tvm_storage_sync("shared"))
                     if k.prefetch:
                         with T.If(ci + KS < lim[1]):
                             with T.Then():
-                                for r, (slot, cc) in zip(pre, slots):
-                                    T.buffer_store(r, chunk_value(ci + KS, slot, cc), [i32(0)])
+                                for r, (slot, cc, ti) in zip(pre, slots):
+                                    T.buffer_store(r, chunk_value(ci + KS, slot, cc, i32(ti)), [i32(0)])
 
-                    def group_chunks(gi):
+                    def group_chunks(gi, t):
                         per_chunk = dict(part[gi].chunks(CC))
 
                         def chunk_taps(chunk):
                             run = ptx_taps.TapRun("shared", staged_loads(per_chunk[chunk], chunk))
-                            ptx_taps.emit(T, run, acc, T.address_of(sm[sbase]))
+                            ptx_taps.emit(T, run, acc, T.address_of(sm[sbase(t)]))
 
                         if per_chunk:  # a slice past the group's last chunk matches no case
                             _tree(T, ci, sorted(per_chunk), chunk_taps, exact=True)
 
-                    _tree(T, grp, [gi for gi, g in enumerate(part) if g.taps] or [0], group_chunks,
-                          exact=not all(g.taps for g in part))
+                    def chunk_code(t):
+                        _tree(T, grp, [gi for gi, g in enumerate(part) if g.taps] or [0],
+                              lambda gi: group_chunks(gi, t), exact=not all(g.taps for g in part))
+
+                    if TB == 1:
+                        chunk_code(i32(0))
+                    else:  # the same chunk code, tile after tile, each with its own accumulators
+                        with T.serial(0, TB) as t:
+                            park(t, store=False)
+                            chunk_code(t)
+                            park(t, store=True)
                     T.evaluate(T.tvm_storage_sync("shared"))
                 if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
                     for a_i, a in enumerate(acc):
@@ -424,9 +511,10 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     v = v + sm[partial(s_, a_i)]
                 return v
 
-            def store_one(g, j, q):
+            def store_one(g, j, q, t):
                 kk = g.first + j
-                o = (n * K + kk) * (OH * OW) + (ow if geo.flat else (oh + q) * OW + ow)
+                oh_t, ow_t = pixel(t)
+                o = (image(t)[0] * K + kk) * (OH * OW) + (ow_t if geo.flat else (oh_t + q) * OW + ow_t)
                 v = total(j * PY + q) + bias[kk]
                 if residual:
                     v = v + rf[o]
@@ -434,20 +522,26 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     v = T.max(v, f32(0.0))
                 T.buffer_store(yf, v, [o])
 
-            def store(gi):
+            def store(gi, t):
                 g = part[gi]
+                oh_t, ow_t = pixel(t)
                 for q in range(PY):
-                    with T.If(tvm.tirx.all(oh + q < geo.OH, ow < geo.OW, n_ok)):
+                    with T.If(tvm.tirx.all(oh_t + q < geo.OH, ow_t < geo.OW, image(t)[1])):
                         with T.Then():
                             for j in range(g.size):
                                 if KS == 1:
-                                    store_one(g, j, q)
+                                    store_one(g, j, q, t)
                                     continue
                                 with T.If(sz == j % KS):
                                     with T.Then():
-                                        store_one(g, j, q)
+                                        store_one(g, j, q, t)
 
-            _tree(T, grp, list(range(len(part))), store, exact=False)
+            if TB == 1:
+                _tree(T, grp, list(range(len(part))), lambda gi: store(gi, i32(0)), exact=False)
+            else:
+                with T.serial(0, TB) as t:
+                    park(t, store=False)
+                    _tree(T, grp, list(range(len(part))), lambda gi: store(gi, t), exact=False)
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -460,7 +554,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             xf = T.decl_buffer((N * C * H * W,), "float32", data=x.data)
             yf = T.decl_buffer((N * K * OH * OW,), "float32", data=y.data)
             rf = T.decl_buffer((N * K * OH * OW,), "float32", data=res.data) if residual else None
-            blocks_per_group = geo.tiles * -(-N // IB)
+            blocks_per_group = geo.tiles * -(-N // (IB * geo.images))
             warps_per_block = -(-NT * KS * IB // 32)
             min_groups = max(1, -(-fill_warps // (blocks_per_group * warps_per_block)))
             for part in kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS, min_groups):

@@ -75,3 +75,33 @@ def emit(T, run: TapRun, acc, base_ptr) -> None:
     name, source = render(run)
     args = [acc[j][0] for j in run.slots] + [base_ptr]
     T.evaluate(cuda_func_call(name, *args, source_code=source))
+
+
+def render_park(slots: int, stride: int, store: bool) -> tuple[str, str]:
+    """(macro name, ``#define``) moving ``slots`` accumulators to (``store``) or from shared memory at
+    ``p + i * stride`` bytes.
+
+    Written as PTX rather than TIR buffer accesses: each thread only touches its own slots, but TVM's
+    barrier planner cannot see that and would put a ``__syncthreads`` around every move.
+    """
+    if not 0 < slots < MAX_OPERANDS:
+        raise ValueError(f"cannot park {slots} accumulators in one inline-asm statement")
+    if not 0 <= stride * (slots - 1) <= INT32_MAX:
+        raise ValueError(f"parking stride {stride} bytes does not fit a PTX immediate offset")
+    op = "st.shared.f32 [%{b}+{o}], %{i};" if store else "ld.shared.f32 %{i}, [%{b}+{o}];"
+    text = "{ " + " ".join(op.format(b=slots, o=i * stride, i=i) for i in range(slots)) + " }"
+    name = f"escort_{'park' if store else 'unpark'}_{slots}_{stride}"
+    args = ", ".join([f"a{i}" for i in range(slots)] + ["p"])
+    vals = ", ".join(f'"{"f" if store else "=f"}"(a{i})' for i in range(slots))
+    ptr = '"r"((unsigned)__cvta_generic_to_shared(p))'
+    if store:
+        return name, f'#define {name}({args}) asm volatile("{text}" : : {vals}, {ptr} : "memory")\n'
+    return name, f'#define {name}({args}) asm volatile("{text}" : {vals} : {ptr} : "memory")\n'
+
+
+def emit_park(T, acc, base_ptr, stride: int, store: bool) -> None:
+    """Move every slot of ``acc`` to (or from) shared memory at ``base_ptr + i * stride`` bytes."""
+    from tvm.backend.cuda.op import cuda_func_call
+
+    name, source = render_park(len(acc), stride, store)
+    T.evaluate(cuda_func_call(name, *[a[0] for a in acc], base_ptr, source_code=source))

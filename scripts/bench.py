@@ -443,6 +443,8 @@ SPEC_CHANGES = {
     "tx_x2": ("threads_x", lambda v: v * 2), "tx_half": ("threads_x", lambda v: v // 2),
     "ty_x2": ("threads_y", lambda v: v * 2), "ty_half": ("threads_y", lambda v: v // 2),
     "chunk_x2": ("channel_chunk", lambda v: v * 2), "chunk_half": ("channel_chunk", lambda v: v // 2),
+    "tb_2": ("tiles_per_block", lambda v: 2), "tb_4": ("tiles_per_block", lambda v: 4),
+    "staged": ("stage_input", lambda v: True),
 }
 # What a specialised kernel's code depends on besides its inputs (the compile cache key hashes these files).
 SPEC_SOURCES = ("schedules/cuda_specialized.py", "schedules/ptx_taps.py", "schedules/unrolled.py",
@@ -453,19 +455,21 @@ GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*
 
 
 def specialized_variants(default, names: str) -> list[dict]:
-    """``[{name, knobs, reason}]``: the default knobs, then each named one-knob change of them; a change that
-    leaves the knob space or repeats an earlier setting gets ``knobs=None`` and the reason."""
+    """``[{name, knobs, reason}]``: the default knobs, then each named change of them (one SPEC_CHANGES entry,
+    or several joined by '+', applied in turn); a change that leaves the knob space or repeats an earlier
+    setting gets ``knobs=None`` and the reason."""
     out, seen = [], {}
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         knobs, reason = default, None
-        if name != "default":
-            if name not in SPEC_CHANGES:
-                raise ValueError(f"unknown specialised variant {name!r}; known: default, {', '.join(SPEC_CHANGES)}")
-            field, change = SPEC_CHANGES[name]
-            value = change(getattr(default, field))
-            knobs = default.with_(**{field: value})
+        for step in ([] if name == "default" else name.split("+")):
+            if step not in SPEC_CHANGES:
+                raise ValueError(f"unknown specialised variant {step!r}; known: default, {', '.join(SPEC_CHANGES)}")
+            field, change = SPEC_CHANGES[step]
+            value = change(getattr(knobs, field))
             if value not in type(default).SPACE[field]:
                 knobs, reason = None, f"{field}={value} is outside {type(default).__name__}.SPACE"
+                break
+            knobs = knobs.with_(**{field: value})
         if knobs is not None and knobs in seen:
             knobs, reason = None, f"same knobs as {seen[knobs]}"
         if knobs is not None:

@@ -97,7 +97,8 @@ KNOB_CASES = [
                                      groups=2), 0.6),
 ]
 REFUSALS = ("threads_x*threads_y", "shared memory", "channel_split > 1 needs stage_input",
-            "rows_per_thread > 1 needs stage_input", "rows_per_thread > 1 does not apply")
+            "rows_per_thread > 1 needs stage_input", "rows_per_thread > 1 does not apply",
+            "tiles_per_block > 1 needs stage_input", "tiles_per_block > 1 needs channel_split")
 
 
 def _one_knob_changes(default: SpecializedKnobs):
