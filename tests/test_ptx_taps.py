@@ -87,3 +87,36 @@ def test_kernel_issues_every_nonzero_as_one_ptx_fma(rng):
     script = plan.func.script()  # each cuda_func_call carries its block's #define once
     assert script.count("fma.rn.f32") == weight.nnz
     assert not re.search(r"\* T\.float32\(", script), "an FMA was emitted as a TIR multiply"
+
+
+_MOVE = re.compile(r"(?:st\.shared\.f32 \[%(\d+)\+(\d+)\], %(\d+)|ld\.shared\.f32 %(\d+), \[%(\d+)\+(\d+)\]);")
+
+
+def run_park(define: str, acc: list[float], memory: np.ndarray, base: int) -> list[float]:
+    """Execute a rendered park/unpark ``#define`` on float32 ``memory``; returns the accumulators after it."""
+    text = re.search(r'asm volatile\("\{ (.*) \}"', define).group(1)
+    acc = [np.float32(a) for a in acc]
+    for ins in [s.strip() + ";" for s in text.split(";") if s.strip()]:
+        m = _MOVE.fullmatch(ins)
+        assert m, f"unexpected instruction {ins!r}"
+        if m.group(1) is not None:  # store
+            assert int(m.group(1)) == len(acc)
+            memory[(base + int(m.group(2))) // 4] = acc[int(m.group(3))]
+        else:
+            assert int(m.group(5)) == len(acc)
+            acc[int(m.group(4))] = memory[(base + int(m.group(6))) // 4]
+    return acc
+
+
+def test_park_and_unpark_round_trip_at_the_stride():
+    from schedules.ptx_taps import render_park
+
+    mem = np.zeros(64, np.float32)
+    _, store = render_park(3, 64, store=True)  # slot i at base + 64 * i bytes
+    _, load = render_park(3, 64, store=False)
+    assert '"f"(a0)' in store and '"=f"(a0)' in load and '"memory"' in store and '"memory"' in load
+    run_park(store, [1.5, -2.0, 3.25], mem, 8)
+    assert mem[2] == 1.5 and mem[2 + 16] == -2.0 and mem[2 + 32] == 3.25 and np.count_nonzero(mem) == 3
+    assert run_park(load, [0.0, 0.0, 0.0], mem, 8) == [1.5, -2.0, 3.25]
+    with pytest.raises(ValueError, match="cannot park"):
+        render_park(MAX_OPERANDS, 4, store=True)
