@@ -4,7 +4,8 @@ Order of authority: a kernel the user forces (``build(..., kernel=...)``), then 
 tuning log for this conv, then the cost rule below. The cost rule is what the measurements in
 ``docs/benchmarks.md`` and ``docs/notes/specialized-codegen.md`` support: the specialised kernel where
 ``specialized_pays`` and its rule accept the layer, while the build's compile-time budget lasts; the
-CSR kernel otherwise. Every fallback is said in the conv's report.
+CSR kernel otherwise, where ``csr_pays``; else the conv stays dense. Every fallback is said in the
+conv's report.
 """
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ DEFAULT_SPECIALIZED_BUDGET = 1 << 20
 # were not measured; they take the batch-1 rule.
 SPECIALIZED_MAX_NNZ_SMALL_BATCH = 32768
 SPECIALIZED_LARGE_BATCH = 16
+# Where the CUDA CSR kernel beats the build's dense path (TVM's conv2d), from the sparsity sweep at batch
+# 32 (docs/benchmarks.md): on a 56x56-output layer (vgg16.conv3_2) it loses at 70% and 80% (9.2 and 8.1
+# vs 7.6 ms) and wins at 90% (5.4): crossover ~82%; on a 14x14-output layer (resnet50.l3.3x3) it ties at
+# 70% and wins from 80%. The boundary between the two shapes (28x28 outputs) is not measured. At batch 1
+# (90%) the CSR kernel beat TVM dense by 1.8-20x on 3x3 layers and tied on two 1x1 layers; no batch-1
+# sweep exists, so the rule applies from batch 16 only.
+CSR_MIN_SPARSITY_LARGE_OUTPUT = 0.85
+CSR_LARGE_OUTPUT_PIXELS = 28 * 28
 
 
 def specialized_pays(spec: ConvSpec, weight: SparseConvWeight) -> str | None:
@@ -32,6 +41,15 @@ def specialized_pays(spec: ConvSpec, weight: SparseConvWeight) -> str | None:
         return None
     return (f"cost rule: at batch {spec.N} (< {SPECIALIZED_LARGE_BATCH}) a layer of {weight.nnz} nonzeros "
             f"(> {SPECIALIZED_MAX_NNZ_SMALL_BATCH}) runs faster on the CSR kernel")
+
+
+def csr_pays(spec: ConvSpec, weight: SparseConvWeight) -> str | None:
+    """None where the cost rule expects the CUDA CSR kernel to beat the dense path, else why not."""
+    large = spec.N >= SPECIALIZED_LARGE_BATCH and spec.OH * spec.OW >= CSR_LARGE_OUTPUT_PIXELS
+    if not large or weight.sparsity >= CSR_MIN_SPARSITY_LARGE_OUTPUT:
+        return None
+    return (f"cost rule: at batch {spec.N} on {spec.OH}x{spec.OW} outputs the CSR kernel needs sparsity >= "
+            f"{CSR_MIN_SPARSITY_LARGE_OUTPUT} to beat the dense path (this weight: {weight.sparsity:.3f})")
 
 
 @dataclass
@@ -98,7 +116,11 @@ class KernelChooser:
                 notes.append(f"tuning log's choice {best[0]} not usable: {why}")
         for kind in order:
             # The cost rule steers the automatic choice only; a forced kernel or a tuning log overrides it.
-            why = specialized_pays(spec, weight) if (kind, self.kernel) == ("specialized", "auto") else None
+            why = None
+            if (kind, self.kernel) == ("specialized", "auto"):
+                why = specialized_pays(spec, weight)
+            elif (kind, self.kernel) == ("sparse", "auto") and self.rules[kind].name == "cuda.register_tiled":
+                why = csr_pays(spec, weight)  # measured on the CUDA kernel only
             plan = None
             if why is None:
                 plan, why = self._try(kind, spec, weight, epilogue)

@@ -174,3 +174,24 @@ def test_auto_cost_rule_keeps_large_layers_on_csr_at_small_batch(rng):
     large = ConvSpec(N=SPECIALIZED_LARGE_BATCH, C=128, H=4, W=4, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
     plan, notes = KernelChooser(rules_for(target)).plan(large, weight, Epilogue())
     assert plan.rule == SpecializedCUDA.name and notes == []
+
+
+def test_auto_keeps_a_large_output_layer_dense_below_the_csr_crossover(rng):
+    from relay_passes.kernel_choice import CSR_LARGE_OUTPUT_PIXELS, CSR_MIN_SPARSITY_LARGE_OUTPUT, SPECIALIZED_LARGE_BATCH
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    side = int(CSR_LARGE_OUTPUT_PIXELS ** 0.5)
+    spec = ConvSpec(N=SPECIALIZED_LARGE_BATCH, C=8, H=side, W=side, K=8, KH=3, KW=3, pad=(1, 1, 1, 1))
+    below = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.75))
+    above = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9))
+    assert below.sparsity < CSR_MIN_SPARSITY_LARGE_OUTPUT <= above.sparsity
+    no_spec = dict(specialized_budget=0)  # the specialised kernel out of the way, as when the budget is spent
+    plan, notes = KernelChooser(rules_for(target), **no_spec).plan(spec, below, Epilogue())
+    assert plan is None and "budget" in notes[0] and "needs sparsity >= 0.85" in notes[1]
+    plan, _ = KernelChooser(rules_for(target), **no_spec).plan(spec, above, Epilogue())
+    assert plan.rule == "cuda.register_tiled"
+    small_batch = ConvSpec(N=1, C=8, H=side, W=side, K=8, KH=3, KW=3, pad=(1, 1, 1, 1))
+    plan, _ = KernelChooser(rules_for(target), **no_spec).plan(small_batch, below, Epilogue())
+    assert plan.rule == "cuda.register_tiled"  # no batch-1 sweep: the rule does not apply there
+    forced, _ = KernelChooser(rules_for(target), kernel="sparse").plan(spec, below, Epilogue())
+    assert forced.rule == "cuda.register_tiled"  # the rule only steers "auto"
