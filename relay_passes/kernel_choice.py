@@ -19,12 +19,17 @@ KERNELS = ("auto", "sparse", "specialized", "dense")
 # the 2-core build machine (PTX blocks; docs/notes/specialized-codegen.md), so this is a few minutes.
 DEFAULT_SPECIALIZED_BUDGET = 1 << 20
 # Where the specialised kernel pays (H200, docs/benchmarks.md): at batch 32 it beat the CSR kernel on
-# all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros and lost every layer
-# from 58982 up (alexnet.conv3-5, vgg16.conv3_2/4_2: 1.4-4x slower), because few warps run each
-# group's straight-line code and every instruction line is fetched for them alone. Batches 2-15
+# all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros. Larger layers at batch
+# 1, since the grid runs one group's blocks together (bench/b1_big): vgg16.conv3_2 (58982 nonzeros,
+# 56x56 outputs) 70.6 vs 174.7 us on CSR + pad; alexnet.conv3 and resnet50.l3.3x3 (66355 and 58982
+# nonzeros, 13x13 and 14x14 outputs) only 10% faster (20.5 vs 23.0, 22.2 vs 24.5 us) for 1.5-4 minutes
+# of ptxas each, which a ResNet-50 build would pay six times: they stay on CSR. Layers over 66355
+# nonzeros at batch 1 were not measured since that change (before it they lost 1.4-4x). Batches 2-15
 # were not measured; they take the batch-1 rule.
 SPECIALIZED_MAX_NNZ_SMALL_BATCH = 32768
 SPECIALIZED_LARGE_BATCH = 16
+SPECIALIZED_LARGE_IMAGE = 56 * 56  # output pixels per image from which ...
+SPECIALIZED_MAX_NNZ_LARGE_IMAGE = 65536  # ... a small batch takes the specialised kernel up to this many
 # Where the CUDA CSR kernel beats the build's dense path (TVM's conv2d), from the sparsity sweep at batch
 # 32 (docs/benchmarks.md): on a 56x56-output layer (vgg16.conv3_2) it loses at 70% and 80% (9.2 and 8.1
 # vs 7.6 ms) and wins at 90% (5.4): crossover ~82%; on a 14x14-output layer (resnet50.l3.3x3) it ties at
@@ -39,8 +44,11 @@ def specialized_pays(spec: ConvSpec, weight: SparseConvWeight) -> str | None:
     """None where the cost rule expects the specialised kernel to beat the CSR kernel, else why not."""
     if spec.N >= SPECIALIZED_LARGE_BATCH or weight.nnz <= SPECIALIZED_MAX_NNZ_SMALL_BATCH:
         return None
-    return (f"cost rule: at batch {spec.N} (< {SPECIALIZED_LARGE_BATCH}) a layer of {weight.nnz} nonzeros "
-            f"(> {SPECIALIZED_MAX_NNZ_SMALL_BATCH}) runs faster on the CSR kernel")
+    if spec.OH * spec.OW >= SPECIALIZED_LARGE_IMAGE and weight.nnz <= SPECIALIZED_MAX_NNZ_LARGE_IMAGE:
+        return None
+    return (f"cost rule: at batch {spec.N} (< {SPECIALIZED_LARGE_BATCH}) a layer of {weight.nnz} nonzeros on "
+            f"{spec.OH}x{spec.OW} outputs runs faster on the CSR kernel (or not enough faster specialised to pay "
+            f"for its compile time)")
 
 
 def csr_pays(spec: ConvSpec, weight: SparseConvWeight) -> str | None:
