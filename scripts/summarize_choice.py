@@ -1,0 +1,76 @@
+"""Per-layer table of what ``escort_tvm.build(kernel="auto")`` picks, from ``bench.py measure`` results.
+
+The bench reports the best of our kernels and knob variants; a user gets the cost rule's kernel with its
+default knobs. This reads one or more measured ``bench.json`` files (a layer measured in several takes
+the last), applies ``relay_passes.kernel_choice.specialized_pays`` to each 90% layer, and prints the
+build's choice (default knobs, CSR time including its pad op) next to the best measured and the baselines.
+
+    python scripts/summarize_choice.py docs/bench/final_b1/bench.json docs/bench/final_b1c/bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _ms(b):
+    return b["ms"] if isinstance(b, dict) else b
+
+
+def _default(variants):
+    return next((v.get("ms") for v in variants or [] if v.get("default")), None)
+
+
+def geomean(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def main() -> int:
+    from escort_tvm.conv_spec import ConvSpec
+    from relay_passes.kernel_choice import specialized_pays
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bench_json", nargs="+")
+    a = ap.parse_args()
+    rows = {}
+    for f in a.bench_json:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            if abs(r["sparsity"] - 0.9) < 1e-9:
+                rows[(r["layer"], r["batch"])] = r
+    out, cols = [], {"choice": [], "best": [], "fp32": [], "tf32": [], "floor": []}
+    print("| layer | batch | nnz | build's choice | ms | best measured | cuDNN fp32 | cuDNN TF32 | x fp32 | x TF32 | floor/ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (layer, n), r in rows.items():
+        spec = ConvSpec.from_dict(r["spec"]) if hasattr(ConvSpec, "from_dict") else ConvSpec(**{
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in r["spec"].items()})
+
+        class _W:  # specialized_pays reads nnz only
+            nnz = r["nnz"]
+
+        spec_ms = _default((r.get("specialized") or {}).get("variants"))
+        csr_def = _default(r.get("variants"))
+        csr_ms = csr_def + (r.get("pad_ms") or 0.0) if csr_def else None
+        why = specialized_pays(spec, _W)
+        kind, ms = ("specialised", spec_ms) if why is None and spec_ms else ("CSR + pad", csr_ms)
+        best = min(x for x in (r.get("spec_ms"), r.get("csr_ms")) if x)
+        fp32, tf32 = _ms(r["baselines"]["cudnn_fp32"]), _ms(r["baselines"]["cudnn_tf32"])
+        for k, v in (("choice", ms), ("best", best), ("fp32", fp32), ("tf32", tf32), ("floor", r["floor_ms"])):
+            cols[k].append(v)
+        print(f"| {layer} | {n} | {r['nnz']} | {kind} | {ms:.4f} | {best:.4f} | {fp32:.4f} | {tf32:.4f} | "
+              f"{fp32 / ms:.2f}x | {tf32 / ms:.2f}x | {r['floor_ms'] / ms:.2f} |")
+    g = {k: geomean(v) for k, v in cols.items()}
+    print(f"| **geomean** ({len(rows)} layers) | | | | {g['choice']:.4f} | {g['best']:.4f} | {g['fp32']:.4f} | "
+          f"{g['tf32']:.4f} | {g['fp32'] / g['choice']:.2f}x | {g['tf32'] / g['choice']:.2f}x | "
+          f"{g['floor'] / g['choice']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
