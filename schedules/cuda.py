@@ -74,6 +74,15 @@ class SparseConvCUDA(SparseConvRule):
             if tiles * -(-spec.K // cand) >= 4 * 132:
                 kb = cand
                 break
+        if spec.N == 1:
+            # Batch 1 is latency-bound (H200, docs/bench/b1_v3, one knob changed from these defaults): a
+            # second accumulator per thread, even one past the row's end, was 16-40% faster on the 6 layers
+            # of >= 14 output columns and one where it was tried (vgg16.conv3_2 0.289 -> 0.166 ms, conv4_2
+            # 0.280 -> 0.177); on 7x7 outputs, blocks of one warp were 31% faster than two (resnet50.l4.*).
+            if vw == 1 and OW >= 14:
+                vw = 2
+            if OH <= 7 and tx * ty > 32:
+                ty = max(1, 32 // tx)
         return CUDAKnobs(threads_x=tx, threads_y=ty, pixels_per_thread=vw, images_per_thread=vn,
                          channels_per_block=kb, chunk=1024)
 
