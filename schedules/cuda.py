@@ -75,11 +75,13 @@ class SparseConvCUDA(SparseConvRule):
                 kb = cand
                 break
         if spec.N == 1:
-            # Batch 1 is latency-bound (H200, docs/bench/b1_v3, one knob changed from these defaults): a
-            # second accumulator per thread, even one past the row's end, was 16-40% faster on the 6 layers
-            # of >= 14 output columns and one where it was tried (vgg16.conv3_2 0.289 -> 0.166 ms, conv4_2
-            # 0.280 -> 0.177); on 7x7 outputs, blocks of one warp were 31% faster than two (resnet50.l4.*).
-            if vw == 1 and OW >= 14:
+            # Batch 1 (H200, docs/bench/b1_v3 and b1_final, one knob changed from these defaults): a second
+            # accumulator per thread, even one past the row's end, was 27-43% faster on the 6 layers of >= 14
+            # output columns whose blocks walk 2+ channels (vgg16.conv3_2 0.290 -> 0.166 ms, conv4_2 0.280 ->
+            # 0.177, resnet50.l1.3x3, l1.1x1in, l3.1x1out, alexnet.conv2) and 25-64% slower on the 4 whose
+            # blocks walk one (resnet50.l2.3x3, l3.3x3, vgg16.conv5_2; and alexnet's 13x13 layers); on 7x7
+            # outputs, blocks of one warp were 31% faster than two (resnet50.l4.*).
+            if vw == 1 and OW >= 14 and kb >= 2:
                 vw = 2
             if OH <= 7 and tx * ty > 32:
                 ty = max(1, 32 // tx)

@@ -3,7 +3,9 @@
 The bench reports the best of our kernels and knob variants; a user gets the cost rule's kernel with its
 default knobs. This reads one or more measured ``bench.json`` files (a layer measured in several takes
 the last), applies ``relay_passes.kernel_choice.specialized_pays`` to each 90% layer, and prints the
-build's choice (default knobs, CSR time including its pad op) next to the best measured and the baselines.
+build's choice next to the best measured and the baselines: the measured variant whose knobs are the
+rules' current defaults (marked where the run has none, and the run's default is shown instead), CSR
+time including its pad op.
 
     python scripts/summarize_choice.py docs/bench/final_b1/bench.json docs/bench/final_b1c/bench.json
 """
@@ -23,8 +25,18 @@ def _ms(b):
     return b["ms"] if isinstance(b, dict) else b
 
 
-def _default(variants):
-    return next((v.get("ms") for v in variants or [] if v.get("default")), None)
+def _timed(v):
+    """A variant's median ms (a variant the screening pass dropped as slower keeps its screening time)."""
+    return v.get("ms") or v.get("screen_ms")
+
+
+def _current_default(variants, knobs):
+    """The measured variant with today's default knobs (the rules' defaults may have changed since the run),
+    else the run's default; (ms, whether the knobs matched)."""
+    for v in variants or []:
+        if knobs is not None and v.get("knobs") == knobs.as_dict():
+            return _timed(v), True
+    return next((_timed(v) for v in variants or [] if v.get("default")), None), False
 
 
 def geomean(xs):
@@ -35,6 +47,8 @@ def geomean(xs):
 def main() -> int:
     from escort_tvm.conv_spec import ConvSpec
     from relay_passes.kernel_choice import specialized_pays
+    from schedules import SpecializedCUDA
+    from schedules.cuda import SparseConvCUDA
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bench_json", nargs="+")
@@ -54,11 +68,14 @@ def main() -> int:
         class _W:  # specialized_pays reads nnz only
             nnz = r["nnz"]
 
-        spec_ms = _default((r.get("specialized") or {}).get("variants"))
-        csr_def = _default(r.get("variants"))
+        spec_ms, spec_now = _current_default((r.get("specialized") or {}).get("variants"),
+                                             SpecializedCUDA().default_knobs(spec, None))
+        csr_def, csr_now = _current_default(r.get("variants"), SparseConvCUDA().default_knobs(spec, None))
         csr_ms = csr_def + (r.get("pad_ms") or 0.0) if csr_def else None
         why = specialized_pays(spec, _W)
-        kind, ms = ("specialised", spec_ms) if why is None and spec_ms else ("CSR + pad", csr_ms)
+        kind, ms, now = (("specialised", spec_ms, spec_now) if why is None and spec_ms else
+                         ("CSR + pad", csr_ms, csr_now))
+        kind += "" if now else " (run's default knobs)"
         best = min(x for x in (r.get("spec_ms"), r.get("csr_ms")) if x)
         fp32, tf32 = _ms(r["baselines"]["cudnn_fp32"]), _ms(r["baselines"]["cudnn_tf32"])
         for k, v in (("choice", ms), ("best", best), ("fp32", fp32), ("tf32", tf32), ("floor", r["floor_ms"])):

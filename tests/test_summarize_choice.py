@@ -29,7 +29,23 @@ def test_choice_follows_the_cost_rule_with_default_knobs(tmp_path):
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     lines = {ln.split("|")[1].strip(): ln for ln in p.stdout.splitlines() if ln.startswith("| ")}
-    assert "| specialised | 0.0100 |" in lines["small"]
-    assert "| CSR + pad | 0.0350 | 0.0100 |" in lines["big_small_image"]  # default CSR 0.030 + pad; best 0.010
-    assert "| specialised | 0.0100 |" in lines["big_large_image"]
+    # the rows carry no knobs, so each falls back to the run's default variant and says so
+    assert "| specialised (run's default knobs) | 0.0100 |" in lines["small"]
+    assert "| CSR + pad (run's default knobs) | 0.0350 | 0.0100 |" in lines["big_small_image"]  # 0.030 + pad
+    assert "| specialised (run's default knobs) | 0.0100 |" in lines["big_large_image"]
     assert "geomean" in p.stdout
+
+
+def test_choice_takes_the_variant_with_todays_default_knobs(tmp_path):
+    from escort_tvm import ConvSpec
+    from schedules.cuda import SparseConvCUDA
+
+    row = _row("big_small_image", 1, 60000, 14, 0.010, 0.030, 0.020, 0.005)
+    spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in row["spec"].items()})
+    row["variants"][1]["knobs"] = SparseConvCUDA().default_knobs(spec, None).as_dict()  # the 0.020 one
+    f = tmp_path / "bench.json"
+    f.write_text(json.dumps({"rows": [row]}))
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize_choice.py"), str(f)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "| CSR + pad | 0.0250 |" in p.stdout  # 0.020 + pad, not the run's default 0.030
