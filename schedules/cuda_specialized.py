@@ -224,10 +224,12 @@ class SpecializedCUDA(SparseConvRule):
         # H200: off is 24-26% faster on all three such layers measured, alexnet.conv4/5 and resnet50.l3.3x3,
         # 79-80 -> 64 registers; on unsplit layers off was 8-15% slower or tied). Split in four
         # (resnet50.l4.3x3) is not measured: ptxas ran 9 minutes on it without prefetch and was stopped.
+        # Below batch 16 the grid is small and occupancy is not the limit: vgg16.conv3_2 at batch 1 (split
+        # in two, 32 channels) was 8% slower without prefetch (0.0789 vs 0.0729 ms).
         # group_major stays on (vgg16.conv4_2: 2.45 -> 0.90 ms at batch 32 with it and the part sizes);
         # image-major won on vgg16.conv1_2 (0.49 vs 0.66 ms) but lost or tied on most others: a tuning knob.
         fits = staged_floats(spec, knobs) // (knobs.threads_x * knobs.threads_y) <= 32
-        split_wide = knobs.channel_split == 2 and knobs.channels_per_thread >= 16
+        split_wide = knobs.channel_split == 2 and knobs.channels_per_thread >= 16 and spec.N >= 16
         return knobs.with_(prefetch=fits and not split_wide)
 
     def apply(self, spec, weight, epilogue: Epilogue, knobs=None) -> KernelPlan:
