@@ -363,10 +363,12 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             n = img * IB + sub
 
             def image(t):
-                """Tile ``t``'s image; past N (the last block) it loads image N - 1 and stores nothing."""
+                """Tile ``t``'s image: (index, stored?, index to load). An image past N (in the last block)
+                loads image N - 1 and stores nothing."""
                 n_t = img * TI + t if TI > 1 else n
-                ragged = N % (IB * TI)
-                return n_t, (n_t < N if ragged else tvm.tirx.const(True)), (T.min(n_t, N - 1) if ragged else n_t)
+                if N % (IB * TI) == 0:
+                    return n_t, tvm.tirx.const(True), n_t
+                return n_t, n_t < N, T.min(n_t, N - 1)
 
             nl = image(i32(0))[2]
             tile_r, tile_c = tile // geo.tiles_x, tile % geo.tiles_x
@@ -428,8 +430,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     p = tid + slot * NT
                     gh, gw = row0 + p // SC, col0 + p % SC
                     ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE, ci * CC + cc < C)
-                    return tvm.tirx.if_then_else(ok, xf[(image(t)[2] * C + ci * CC + cc) * HW + gh * WE + gw],
-                                                 f32(0.0))
+                    n_load = image(t)[2]
+                    return tvm.tirx.if_then_else(ok, xf[(n_load * C + ci * CC + cc) * HW + gh * WE + gw], f32(0.0))
 
                 slots = [(slot, cc, ti) for ti in range(TI) for slot in range(NS) for cc in range(CC)]
                 if TB > 1:  # every tile starts at zero (plain stores: they also tell TVM the buffer's full extent,
@@ -522,7 +524,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             def store_one(g, j, q, t):
                 kk = g.first + j
                 oh_t, ow_t = pixel(t)
-                o = (image(t)[0] * K + kk) * (OH * OW) + (ow_t if geo.flat else (oh_t + q) * OW + ow_t)
+                n_t = image(t)[0]
+                o = (n_t * K + kk) * (OH * OW) + (ow_t if geo.flat else (oh_t + q) * OW + ow_t)
                 v = total(j * PY + q) + bias[kk]
                 if residual:
                     v = v + rf[o]
@@ -533,8 +536,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             def store(gi, t):
                 g = part[gi]
                 oh_t, ow_t = pixel(t)
+                stored = image(t)[1]
                 for q in range(PY):
-                    with T.If(tvm.tirx.all(oh_t + q < geo.OH, ow_t < geo.OW, image(t)[1])):
+                    with T.If(tvm.tirx.all(oh_t + q < geo.OH, ow_t < geo.OW, stored)):
                         with T.Then():
                             for j in range(g.size):
                                 if KS == 1:

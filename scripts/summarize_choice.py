@@ -58,8 +58,9 @@ def main() -> int:
         for r in json.loads(Path(f).read_text())["rows"]:
             if abs(r["sparsity"] - 0.9) < 1e-9:
                 rows[(r["layer"], r["batch"])] = r
-    out, cols = [], {"choice": [], "best": [], "fp32": [], "tf32": [], "floor": []}
-    print("| layer | batch | nnz | build's choice | ms | best measured | cuDNN fp32 | cuDNN TF32 | x fp32 | x TF32 | floor/ours |")
+    cols = {"choice": [], "best": [], "fp32": [], "tf32": [], "floor": []}
+    print("| layer | batch | nnz | build's choice | ms | best measured | cuDNN fp32 | cuDNN TF32 | x fp32 | x TF32 "
+          "| floor/ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (layer, n), r in rows.items():
         spec = ConvSpec.from_dict(r["spec"]) if hasattr(ConvSpec, "from_dict") else ConvSpec(**{

@@ -193,7 +193,8 @@ def test_auto_cost_rule_takes_large_images_specialised_at_small_batch(rng):
 
 
 def test_auto_keeps_a_large_output_layer_dense_below_the_csr_crossover(rng):
-    from relay_passes.kernel_choice import CSR_LARGE_OUTPUT_PIXELS, CSR_MIN_SPARSITY_LARGE_OUTPUT, SPECIALIZED_LARGE_BATCH
+    from relay_passes.kernel_choice import (CSR_LARGE_OUTPUT_PIXELS, CSR_MIN_SPARSITY_LARGE_OUTPUT,
+                                            SPECIALIZED_LARGE_BATCH)
 
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     side = int(CSR_LARGE_OUTPUT_PIXELS ** 0.5)
