@@ -20,16 +20,15 @@ KERNELS = ("auto", "sparse", "specialized", "dense")
 DEFAULT_SPECIALIZED_BUDGET = 1 << 20
 # Where the specialised kernel pays (H200, docs/benchmarks.md): at batch 32 it beat the CSR kernel on
 # all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros. Larger layers at batch
-# 1, since the grid runs one group's blocks together (bench/b1_big): vgg16.conv3_2 (58982 nonzeros,
-# 56x56 outputs) 70.6 vs 174.7 us on CSR + pad; alexnet.conv3 and resnet50.l3.3x3 (66355 and 58982
-# nonzeros, 13x13 and 14x14 outputs) only 10% faster (20.5 vs 23.0, 22.2 vs 24.5 us) for 1.5-4 minutes
-# of ptxas each, which a ResNet-50 build would pay six times: they stay on CSR. Layers over 66355
-# nonzeros at batch 1 were not measured since that change (before it they lost 1.4-4x). Batches 2-15
-# were not measured; they take the batch-1 rule.
+# 1, since the grid runs one group's blocks together (bench/b1_big, b1_final_conv*): where an image has
+# many output pixels, many warps run each group's code and it wins big: vgg16.conv3_2 (58982 nonzeros,
+# 56x56 outputs) 72.9 vs 177.5 us on CSR + pad, vgg16.conv4_2 (235930, 28x28) 70.5 vs 186.8 us (234 s
+# of compile). On 13x13/14x14 outputs it is only 10% faster (alexnet.conv3 20.5 vs 23.0 us,
+# resnet50.l3.3x3 22.2 vs 24.5) for 1.5-4 minutes of ptxas each, which a ResNet-50 build would pay six
+# times: those stay on CSR. Batches 2-15 were not measured; they take the batch-1 rule.
 SPECIALIZED_MAX_NNZ_SMALL_BATCH = 32768
 SPECIALIZED_LARGE_BATCH = 16
-SPECIALIZED_LARGE_IMAGE = 56 * 56  # output pixels per image from which ...
-SPECIALIZED_MAX_NNZ_LARGE_IMAGE = 65536  # ... a small batch takes the specialised kernel up to this many
+SPECIALIZED_LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 # Where the CUDA CSR kernel beats the build's dense path (TVM's conv2d), from the sparsity sweep at batch
 # 32 (docs/benchmarks.md): on a 56x56-output layer (vgg16.conv3_2) it loses at 70% and 80% (9.2 and 8.1
 # vs 7.6 ms) and wins at 90% (5.4): crossover ~82%; on a 14x14-output layer (resnet50.l3.3x3) it ties at
@@ -44,7 +43,7 @@ def specialized_pays(spec: ConvSpec, weight: SparseConvWeight) -> str | None:
     """None where the cost rule expects the specialised kernel to beat the CSR kernel, else why not."""
     if spec.N >= SPECIALIZED_LARGE_BATCH or weight.nnz <= SPECIALIZED_MAX_NNZ_SMALL_BATCH:
         return None
-    if spec.OH * spec.OW >= SPECIALIZED_LARGE_IMAGE and weight.nnz <= SPECIALIZED_MAX_NNZ_LARGE_IMAGE:
+    if spec.OH * spec.OW >= SPECIALIZED_LARGE_IMAGE:
         return None
     return (f"cost rule: at batch {spec.N} (< {SPECIALIZED_LARGE_BATCH}) a layer of {weight.nnz} nonzeros on "
             f"{spec.OH}x{spec.OW} outputs runs faster on the CSR kernel (or not enough faster specialised to pay "

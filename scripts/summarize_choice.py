@@ -1,11 +1,10 @@
 """Per-layer table of what ``escort_tvm.build(kernel="auto")`` picks, from ``bench.py measure`` results.
 
 The bench reports the best of our kernels and knob variants; a user gets the cost rule's kernel with its
-default knobs. This reads one or more measured ``bench.json`` files (a layer measured in several takes
-the last), applies ``relay_passes.kernel_choice.specialized_pays`` to each 90% layer, and prints the
+default knobs. This reads one or more measured ``bench.json`` files, applies ``relay_passes.kernel_choice.specialized_pays`` to each 90% layer, and prints the
 build's choice next to the best measured and the baselines: the measured variant whose knobs are the
-rules' current defaults (marked where the run has none, and the run's default is shown instead), CSR
-time including its pad op.
+rules' current defaults, from the last file that has one (with that run's baselines; marked where no run
+has it, and the last run's default is shown instead), CSR time including its pad op.
 
     python scripts/summarize_choice.py docs/bench/final_b1/bench.json docs/bench/final_b1c/bench.json
 """
@@ -53,30 +52,35 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bench_json", nargs="+")
     a = ap.parse_args()
-    rows = {}
+    runs = {}  # (layer, batch) -> its rows, in the order of the files given
     for f in a.bench_json:
         for r in json.loads(Path(f).read_text())["rows"]:
             if abs(r["sparsity"] - 0.9) < 1e-9:
-                rows[(r["layer"], r["batch"])] = r
+                runs.setdefault((r["layer"], r["batch"]), []).append(r)
     cols = {"choice": [], "best": [], "fp32": [], "tf32": [], "floor": []}
     print("| layer | batch | nnz | build's choice | ms | best measured | cuDNN fp32 | cuDNN TF32 | x fp32 | x TF32 "
           "| floor/ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for (layer, n), r in rows.items():
-        spec = ConvSpec.from_dict(r["spec"]) if hasattr(ConvSpec, "from_dict") else ConvSpec(**{
-            k: (tuple(v) if isinstance(v, list) else v) for k, v in r["spec"].items()})
+    for (layer, n), rs in runs.items():
+        spec = ConvSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in rs[-1]["spec"].items()})
 
         class _W:  # specialized_pays reads nnz only
-            nnz = r["nnz"]
+            nnz = rs[-1]["nnz"]
 
-        spec_ms, spec_now = _current_default((r.get("specialized") or {}).get("variants"),
-                                             SpecializedCUDA().default_knobs(spec, None))
-        csr_def, csr_now = _current_default(r.get("variants"), SparseConvCUDA().default_knobs(spec, None))
-        csr_ms = csr_def + (r.get("pad_ms") or 0.0) if csr_def else None
-        why = specialized_pays(spec, _W)
-        kind, ms, now = (("specialised", spec_ms, spec_now) if why is None and spec_ms else
-                         ("CSR + pad", csr_ms, csr_now))
-        kind += "" if now else " (run's default knobs)"
+        specialised = specialized_pays(spec, _W) is None
+        knobs = (SpecializedCUDA() if specialised else SparseConvCUDA()).default_knobs(spec, None)
+
+        def chosen(r):
+            """(ms, knobs matched) of the cost rule's kernel in run row ``r``, or None where it was not built."""
+            if specialised:
+                return _current_default((r.get("specialized") or {}).get("variants"), knobs)
+            ms, now = _current_default(r.get("variants"), knobs)
+            return (ms + (r.get("pad_ms") or 0.0) if ms else None), now
+
+        # the last run that measured today's default knobs (its own baselines), else the last run
+        picks = [(r, *chosen(r)) for r in rs]
+        r, ms, now = next((p for p in reversed(picks) if p[1] and p[2]), picks[-1])
+        kind = ("specialised" if specialised else "CSR + pad") + ("" if now else " (run's default knobs)")
         best = min(x for x in (r.get("spec_ms"), r.get("csr_ms")) if x)
         fp32, tf32 = _ms(r["baselines"]["cudnn_fp32"]), _ms(r["baselines"]["cudnn_tf32"])
         for k, v in (("choice", ms), ("best", best), ("fp32", fp32), ("tf32", tf32), ("floor", r["floor_ms"])):
@@ -84,7 +88,7 @@ def main() -> int:
         print(f"| {layer} | {n} | {r['nnz']} | {kind} | {ms:.4f} | {best:.4f} | {fp32:.4f} | {tf32:.4f} | "
               f"{fp32 / ms:.2f}x | {tf32 / ms:.2f}x | {r['floor_ms'] / ms:.2f} |")
     g = {k: geomean(v) for k, v in cols.items()}
-    print(f"| **geomean** ({len(rows)} layers) | | | | {g['choice']:.4f} | {g['best']:.4f} | {g['fp32']:.4f} | "
+    print(f"| **geomean** ({len(runs)} layers) | | | | {g['choice']:.4f} | {g['best']:.4f} | {g['fp32']:.4f} | "
           f"{g['tf32']:.4f} | {g['fp32'] / g['choice']:.2f}x | {g['tf32'] / g['choice']:.2f}x | "
           f"{g['floor'] / g['choice']:.3f} |")
     return 0

@@ -177,19 +177,15 @@ def test_auto_cost_rule_keeps_large_layers_on_csr_at_small_batch(rng):
 
 
 def test_auto_cost_rule_takes_large_images_specialised_at_small_batch(rng):
-    from relay_passes.kernel_choice import (SPECIALIZED_LARGE_IMAGE, SPECIALIZED_MAX_NNZ_LARGE_IMAGE,
-                                            SPECIALIZED_MAX_NNZ_SMALL_BATCH, specialized_pays)
+    from relay_passes.kernel_choice import SPECIALIZED_LARGE_IMAGE, SPECIALIZED_MAX_NNZ_SMALL_BATCH, specialized_pays
 
-    weight = SparseConvWeight.from_dense(pruned(rng, (128, 128, 3, 3), 0.7))
-    assert SPECIALIZED_MAX_NNZ_SMALL_BATCH < weight.nnz <= SPECIALIZED_MAX_NNZ_LARGE_IMAGE
+    weight = SparseConvWeight.from_dense(pruned(rng, (128, 128, 3, 3), 0.5))
+    assert weight.nnz > SPECIALIZED_MAX_NNZ_SMALL_BATCH
     side = int(SPECIALIZED_LARGE_IMAGE ** 0.5)
     big = ConvSpec(N=1, C=128, H=side, W=side, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
     small = ConvSpec(N=1, C=128, H=side - 1, W=side - 1, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
     assert specialized_pays(big, weight) is None
     assert "runs faster on the CSR kernel" in specialized_pays(small, weight)
-    huge = SparseConvWeight.from_dense(pruned(rng, (256, 256, 3, 3), 0.5))
-    assert huge.nnz > SPECIALIZED_MAX_NNZ_LARGE_IMAGE and specialized_pays(
-        ConvSpec(N=1, C=256, H=side, W=side, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)), huge) is not None
 
 
 def test_auto_keeps_a_large_output_layer_dense_below_the_csr_crossover(rng):
