@@ -391,11 +391,16 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 return ((sub * KS + slice_) * KG * PY + a_i) * NT + tid
 
             acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG * PY)]  # slot j * PY + q
-            if TB > 1:  # tile t's slot a_i lives at parked[(t * KG * PY + a_i) * NT + tid]: private, conflict-free
-                parked = T.alloc_buffer((TB * KG * PY * NT,), "float32", scope="shared")
+            if TB > 1:
+                parked = T.alloc_buffer((parked_floats(spec, k.with_(channels_per_thread=KG)),), "float32",
+                                        scope="shared")
+
+                def parked_at(t, a_i=0):
+                    """Tile ``t``'s accumulator ``a_i`` of this thread: private, conflict-free (stride NT)."""
+                    return t * (KG * PY * NT) + a_i * NT + tid
 
                 def park(t, store: bool):
-                    ptx_taps.emit_park(T, acc, T.address_of(parked[t * (KG * PY * NT) + tid]), 4 * NT, store)
+                    ptx_taps.emit_park(T, acc, T.address_of(parked[parked_at(t)]), 4 * NT, store)
             val = T.alloc_buffer((1,), "float32", scope="local")
             for a in acc:
                 T.buffer_store(a, f32(0.0), [i32(0)])
@@ -438,7 +443,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     # which it would otherwise shrink to the addresses it sees passed to the PTX moves)
                     for t in range(TB):
                         for a_i in range(KG * PY):
-                            T.buffer_store(parked, f32(0.0), [(t * (KG * PY) + a_i) * NT + tid])
+                            T.buffer_store(parked, f32(0.0), [parked_at(t, a_i)])
                 if k.prefetch:  # registers carry the next chunk while this one is computed
                     pre = [T.alloc_buffer((1,), "float32", scope="local") for _ in slots]
                     for r, (slot, cc, ti) in zip(pre, slots):
