@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
+from schedules.cuda import SparseConvCUDA
 
 KERNELS = ("auto", "sparse", "specialized", "dense")
 # Nonzeros per build that may go to specialised kernels: each costs ~0.2-0.4 ms of compile time on
@@ -126,7 +127,7 @@ class KernelChooser:
             why = None
             if (kind, self.kernel) == ("specialized", "auto"):
                 why = specialized_pays(spec, weight)
-            elif (kind, self.kernel) == ("sparse", "auto") and self.rules[kind].name == "cuda.register_tiled":
+            elif (kind, self.kernel) == ("sparse", "auto") and isinstance(self.rules[kind], SparseConvCUDA):
                 why = csr_pays(spec, weight)  # measured on the CUDA kernel only
             plan = None
             if why is None:

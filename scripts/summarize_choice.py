@@ -15,6 +15,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,10 +65,7 @@ def main() -> int:
     for (layer, n), rs in runs.items():
         spec = ConvSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in rs[-1]["spec"].items()})
 
-        class _W:  # specialized_pays reads nnz only
-            nnz = rs[-1]["nnz"]
-
-        specialised = specialized_pays(spec, _W) is None
+        specialised = specialized_pays(spec, SimpleNamespace(nnz=rs[-1]["nnz"])) is None  # it reads nnz only
         knobs = (SpecializedCUDA() if specialised else SparseConvCUDA()).default_knobs(spec, None)
 
         def chosen(r):
