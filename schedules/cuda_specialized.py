@@ -58,6 +58,10 @@ class SpecializedKnobs(Knobs):
     # a chunk's code (a few KB) is then executed tiles_per_block times back to back from the instruction
     # cache instead of once per block (the large layers stall on instruction fetch; see the notes).
     tiles_per_block: int = 1
+    # Kernels the input channels are cut into, launched in turn, each adding its partial sums to y (the last
+    # applies the epilogue): a launch runs 1/input_parts of each group's code, so the blocks resident on an SM
+    # share a smaller instruction footprint, for one more read and write of y per extra launch.
+    input_parts: int = 1
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32),
         "threads_x": (8, 16, 32, 64, 128),
@@ -70,6 +74,7 @@ class SpecializedKnobs(Knobs):
         "group_major": (True, False),
         "images_per_block": (1, 2, 4),
         "tiles_per_block": (1, 2, 4),
+        "input_parts": (1, 2, 4, 8),
     }
 
     def validate(self) -> None:
@@ -243,6 +248,10 @@ class SpecializedCUDA(SparseConvRule):
         if knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT:
             raise ValueError(f"{knobs} stages {shared_floats(spec, knobs) * 4} bytes of shared memory "
                              f"(limit {SHARED_LIMIT}) for {spec.describe()}")
+        chunks = -(-spec.Cg // min(knobs.channel_chunk, spec.C))
+        if knobs.input_parts > chunks:
+            raise ValueError(f"input_parts={knobs.input_parts} exceeds the {chunks} channel chunks of a conv group "
+                             f"({spec.Cg} input channels, channel_chunk={knobs.channel_chunk})")
         groups = unrolled_program(weight, knobs.channels_per_thread)
         func = specialized_cuda_kernel(spec, groups, epilogue, knobs, self.kernel_nonzeros, self.fill_warps)
         return KernelPlan(func, spec.H, spec.W, (), self.name, knobs, spec, padded_input=False)
@@ -341,11 +350,22 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
     KS, IB, TB, TI = k.channel_split, k.images_per_block, geo.TB, geo.images
 
-    def emit_part(xf, bias, rf, yf, part: list[ChannelGroup]):
-        """One kernel: blockIdx.z picks a group of ``part``; threadIdx.z a slice of its chunk loop."""
+    def emit_part(xf, bias, rf, yf, part: list[ChannelGroup], piece: int):
+        """One kernel: blockIdx.z picks a group of ``part``; threadIdx.z a slice of its chunk loop. It covers
+        input piece ``piece`` of ``k.input_parts`` (a contiguous run of each conv group's channel chunks)."""
         KG = max(g.size for g in part)
-        # Chunk range per group: the input channels its conv group sees.
-        chunk_range = [((g.first // Kg) * Cg // CC, -(-((g.first // Kg) + 1) * Cg // CC)) for g in part]
+        first_piece, last_piece = piece == 0, piece == k.input_parts - 1
+
+        def chunk_range_of(g: ChannelGroup) -> tuple[int, int]:
+            """The group's chunks in this piece: its conv group's input channels, cut into input_parts runs."""
+            lo, hi = (g.first // Kg) * Cg // CC, -(-((g.first // Kg) + 1) * Cg // CC)
+            return lo + (hi - lo) * piece // k.input_parts, lo + (hi - lo) * (piece + 1) // k.input_parts
+
+        chunk_range = [chunk_range_of(g) for g in part]
+
+        def taps_of(gi: int) -> tuple:
+            lo, hi = chunk_range[gi]
+            return tuple(t for t in part[gi].taps if lo <= t.c // CC < hi)
         # Group slowest: the blocks resident at one time run few groups' code (instruction cache); image
         # slowest: they read few images' input (L2), which pays when the code is small.
         grp, img = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y")
@@ -462,7 +482,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                                     T.buffer_store(r, chunk_value(ci + KS, slot, cc, i32(ti)), [i32(0)])
 
                     def group_chunks(gi, t):
-                        per_chunk = dict(part[gi].chunks(CC))
+                        lo, hi = chunk_range[gi]
+                        per_chunk = {c: ts for c, ts in part[gi].chunks(CC) if lo <= c < hi}
 
                         def chunk_taps(chunk):
                             run = ptx_taps.TapRun("shared", staged_loads(per_chunk[chunk], chunk))
@@ -472,8 +493,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                             _tree(T, ci, sorted(per_chunk), chunk_taps, exact=True)
 
                     def chunk_code(t):
-                        _tree(T, grp, [gi for gi, g in enumerate(part) if g.taps] or [0],
-                              lambda gi: group_chunks(gi, t), exact=not all(g.taps for g in part))
+                        with_taps = [gi for gi in range(len(part)) if taps_of(gi)]
+                        _tree(T, grp, with_taps or [0], lambda gi: group_chunks(gi, t),
+                              exact=len(with_taps) < len(part))
 
                     if TB == 1:
                         chunk_code(i32(0))
@@ -502,7 +524,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
                 def group_taps(gi):
                     if padded and not geo.flat:  # predicated loads: one C statement per tap and FMA
-                        for t in part[gi].taps:
+                        for t in taps_of(gi):
                             fmas(t, load_direct(t))
                         return
                     # Unpadded: every tap is a fixed offset from this thread's first input element.
@@ -511,10 +533,10 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     else:
                         base = xf[nl * C * HW + ohc * sh * W + owc * sw]
                         offs = lambda t: t.c * HW + t.kh * dh * W + t.kw * dw  # noqa: E731
-                    run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in part[gi].taps))
+                    run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in taps_of(gi)))
                     ptx_taps.emit(T, run, acc, T.address_of(base))
 
-                with_taps = [gi for gi, g in enumerate(part) if g.taps]
+                with_taps = [gi for gi in range(len(part)) if taps_of(gi)]
                 if with_taps:
                     _tree(T, grp, with_taps, group_taps, exact=len(with_taps) < len(part))
 
@@ -531,10 +553,11 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 oh_t, ow_t = pixel(t)
                 n_t = image(t)[0]
                 o = (n_t * K + kk) * (OH * OW) + (ow_t if geo.flat else (oh_t + q) * OW + ow_t)
-                v = total(j * PY + q) + bias[kk]
-                if residual:
+                # the first piece starts from the bias, later ones from the sum the pieces before left in y
+                v = total(j * PY + q) + (bias[kk] if first_piece else yf[o])
+                if residual and last_piece:
                     v = v + rf[o]
-                if epilogue.relu:
+                if epilogue.relu and last_piece:
                     v = T.max(v, f32(0.0))
                 T.buffer_store(yf, v, [o])
 
@@ -575,5 +598,6 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             warps_per_block = -(-NT * KS * IB // 32)
             min_groups = max(1, -(-fill_warps // (blocks_per_group * warps_per_block)))
             for part in kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS, min_groups):
-                emit_part(xf, bias, rf, yf, [groups[gi] for gi in part])
+                for piece in range(k.input_parts):  # launched in this order: each piece adds to the last
+                    emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece)
     return ib.get()

@@ -445,11 +445,8 @@ SPEC_CHANGES = {
     "chunk_x2": ("channel_chunk", lambda v: v * 2), "chunk_half": ("channel_chunk", lambda v: v // 2),
     "tb_2": ("tiles_per_block", lambda v: 2), "tb_4": ("tiles_per_block", lambda v: 4),
     "staged": ("stage_input", lambda v: True),
+    "ip_2": ("input_parts", lambda v: 2), "ip_4": ("input_parts", lambda v: 4), "ip_8": ("input_parts", lambda v: 8),
 }
-# What a specialised kernel's code depends on besides its inputs (the compile cache key hashes these files).
-SPEC_SOURCES = ("schedules/cuda_specialized.py", "schedules/ptx_taps.py", "schedules/unrolled.py",
-                "schedules/base.py",
-                "escort_tvm/compute.py", "escort_tvm/sparse_format.py", "escort_tvm/conv_spec.py")
 DEFAULT_SPEC_CACHE = ROOT / ".gpu" / "spec-cache"
 GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*\("
 
@@ -491,24 +488,22 @@ def _nvcc_version() -> str:
     return _NVCC_VERSION
 
 
-def spec_sources_sha() -> str:
-    """Hash of the files a specialised kernel's code depends on (SPEC_SOURCES)."""
-    h = hashlib.sha1()
-    for f in SPEC_SOURCES:
-        h.update((ROOT / f).read_bytes())
-    return h.hexdigest()
+def tir_sha(func) -> str:
+    """Hash of a PrimFunc's TVMScript: the whole kernel, its weights and inline PTX included."""
+    return hashlib.sha1(func.script().encode()).hexdigest()
 
 
-def spec_cache_key(spec_d: dict, knobs_d: dict, epilogue_d: dict, dense, target: dict) -> str:
-    """Content hash of one specialised kernel build: inputs, the code that renders it, TVM, nvcc and its flags."""
+def spec_cache_key(tir: str, target: dict) -> str:
+    """Content hash of one specialised kernel build: its TIR (``tir_sha``), the target, TVM, nvcc and its flags.
+
+    Keyed on what is compiled rather than on the sources that rendered it, so an edit to the schedule
+    rebuilds only the kernels whose code it changes."""
     import tvm
 
     h = hashlib.sha1()
-    h.update(json.dumps({"spec": spec_d, "knobs": knobs_d, "epilogue": epilogue_d, "target": target,
-                         "tvm": getattr(tvm, "__version__", "?"), "nvcc": _nvcc_version(),
-                         "flags": nvcc_flags("fatbin", target["arch"])}, sort_keys=True, default=str).encode())
-    h.update(str(dense.dtype).encode() + str(dense.shape).encode() + dense.tobytes())
-    h.update(spec_sources_sha().encode())
+    h.update(json.dumps({"tir": tir, "target": target, "tvm": getattr(tvm, "__version__", "?"),
+                         "nvcc": _nvcc_version(), "flags": nvcc_flags("fatbin", target["arch"])},
+                        sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
 
 
@@ -557,9 +552,6 @@ def build_specialized(job: dict) -> dict:
     from schedules import SpecializedCUDA
     from schedules.unrolled import program_stats, unrolled_program
 
-    if job.get("sources_sha") and job["sources_sha"] != spec_sources_sha():
-        return {"symbol": job["symbol"], "status": "error",
-                "error": "schedules/escort_tvm sources changed since this prepare started (its cache key would lie)"}
     prepare_cuda_build()
     rule = SpecializedCUDA()
     spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["spec"].items()})
@@ -574,6 +566,10 @@ def build_specialized(job: dict) -> dict:
     except ValueError as e:
         return {**out, "status": "refused", "reason": str(e)}
     t_apply = time.perf_counter() - t0
+    if job.get("tir_sha") and tir_sha(plan.func) != job["tir_sha"]:
+        return {**out, "status": "error",
+                "error": "the kernel's TIR differs from the one prepare hashed: the sources changed mid-run "
+                         "(its cache key would lie)"}
     if plan.weight_arrays != () or plan.padded_input is not False:
         raise RuntimeError(f"{rule.name} plan has weight arrays {len(plan.weight_arrays)} / padded_input "
                            f"{plan.padded_input}; bench.py passes (x[N,C,H,W], bias, [residual], y)")
@@ -725,7 +721,6 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
     spec_max_nnz = MAX_NONZEROS if spec_max_nnz is None else min(int(spec_max_nnz), MAX_NONZEROS)
     use_spec = spec_variants.strip().lower() not in ("", "none")
     spec_jobs: list[dict] = []
-    sources_sha = spec_sources_sha()  # also checked by every build: an edit mid-prepare is an error, not a mix
     bench_dir = Path(bench_dir)
     tmp = bench_dir.parent / f".{bench_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -813,14 +808,19 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                     sp_entry["skipped"].append({"index": j, "name": sv["name"], "knobs": None, "reason": sv["reason"]})
                     continue
                 kd = sv["knobs"].as_dict()
-                key = spec_cache_key(spec.to_dict(), kd, epi, g["arrays"]["dense"], TARGET)
+                try:  # the cache key hashes the kernel's TIR (the build checks it renders the same)
+                    sha = tir_sha(srule.apply(spec, weight, Epilogue(**epi), sv["knobs"]).func)
+                except ValueError as e:
+                    sp_entry["skipped"].append({"index": j, "name": sv["name"], "knobs": kd, "reason": str(e)})
+                    continue
+                key = spec_cache_key(sha, TARGET)
                 sym = f"escort_spec_{key[:16]}"
                 spec_jobs.append({"key": key, "case": i, "index": j, "name": sv["name"], "nnz": g["nnz"],
                                   "dest": str(tmp / f"spec_{sym}.so.xz"),
                                   "label": f"case {i} {case['layer']} N={spec.N} sp={case['sparsity']:.2f} {sv['name']}",
                                   "build": {"spec": spec.to_dict(), "weights": str(g["spec_weights"]), "knobs": kd,
                                             "epilogue": epi, "symbol": sym, "target": TARGET,
-                                            "sources_sha": sources_sha}})
+                                            "tir_sha": sha}})
         d0 = ventries[0]
         log(f"case {i:2d} {case['layer']:20s} N={spec.N:<3d} sp={case['sparsity']:.2f} nnz={g['nnz']:<8d} "
             f"{len(ventries)} variant(s), default {d0['knobs']} first input {d0['first_input']['shape']}")
@@ -967,7 +967,7 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
         "specialized": {"rule": srule.name, "variants": spec_variants if use_spec else "none",
                         "max_nnz": spec_max_nnz, "variant_nnz": spec_variant_nnz, "jobs": jobs,
                         "timeout_s": spec_timeout_s,
-                        "sources_sha": sources_sha, "sources": list(SPEC_SOURCES),
+                        "cache_key": "sha1 of the kernel's TVMScript, target, TVM, nvcc and flags",
                         "kernels": sum(len(e["specialized"]["variants"]) for e in entries),
                         "files": "spec_<symbol>.so.xz: one exported .so per kernel, xz-compressed (lzma)"},
         "cases": entries,
