@@ -83,7 +83,8 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("cpt_16", "channels_per_thread", lambda v: 16), ("chunk_4", "channel_chunk", lambda v: 4),
                 ("tx_32", "threads_x", lambda v: 32), ("split_4", "channel_split", lambda v: 4),
                 ("split_2", "channel_split", lambda v: 2), ("tb_2", "tiles_per_block", lambda v: 2),
-                ("tb_4", "tiles_per_block", lambda v: 4))
+                ("tb_4", "tiles_per_block", lambda v: 4), ("ip_2", "input_parts", lambda v: 2),
+                ("ip_4", "input_parts", lambda v: 4), ("ip_2_chunk_4", "input_parts", lambda v: 2))
 SPEC_BASIC_CHANGES = 5
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels")
 
@@ -118,6 +119,8 @@ def _spec_variants(rule, spec, weight, all_changes: bool):
         k = d.with_(**{field: v})
         if field == "tiles_per_block" and not k.stage_input:  # (1x1 flat defaults to unstaged; TB needs staging)
             k = k.with_(stage_input=True)
+        if name.endswith("_chunk_4"):  # input pieces of conv groups of 8 channels (groups2) need chunks of 4
+            k = k.with_(channel_chunk=4)
         if v not in SpecializedKnobs.SPACE[field]:
             out.append((name, None, f"{field}={v} outside the knob space"))
         elif k in seen:

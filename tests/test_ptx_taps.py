@@ -79,11 +79,17 @@ def test_bad_runs_are_refused(run, match):
         render(run)
 
 
-def test_kernel_issues_every_nonzero_as_one_ptx_fma(rng):
-    """The whole unrolled program goes through PTX blocks: one ``fma.rn.f32`` per nonzero, none in C."""
-    spec = ConvSpec(N=1, C=16, H=8, W=8, K=16, KH=3, KW=3, pad=(1, 1, 1, 1))
+@pytest.mark.parametrize("knobs", [{}, {"input_parts": 2}, {"input_parts": 4, "channel_chunk": 4},
+                                   {"input_parts": 2, "stage_input": False}],
+                         ids=["one_kernel", "input_parts_2", "input_parts_4", "input_parts_2_direct"])
+def test_kernel_issues_every_nonzero_as_one_ptx_fma(rng, knobs):
+    """The whole unrolled program goes through PTX blocks: one ``fma.rn.f32`` per nonzero, none in C; cut
+    into input pieces (one kernel each), every nonzero is still issued exactly once."""
+    spec = ConvSpec(N=1, C=16, H=8, W=8, K=16, KH=3, KW=3, pad=(0, 0, 0, 0) if knobs.get("stage_input") is False
+                    else (1, 1, 1, 1))
     weight = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.8))
-    plan = SpecializedCUDA().apply(spec, weight, Epilogue())
+    rule = SpecializedCUDA()
+    plan = rule.apply(spec, weight, Epilogue(), rule.default_knobs(spec, weight).with_(**knobs))
     script = plan.func.script()  # each cuda_func_call carries its block's #define once
     assert script.count("fma.rn.f32") == weight.nnz
     assert not re.search(r"\* T\.float32\(", script), "an FMA was emitted as a TIR multiply"

@@ -95,10 +95,12 @@ KNOB_CASES = [
     ("1x1_flat", ConvSpec(N=2, C=8, H=5, W=7, K=8, KH=1, KW=1), 0.7),
     ("5x3_s2_asym_groups2", ConvSpec(N=1, C=4, H=11, W=9, K=4, KH=5, KW=3, stride=(2, 2), pad=(1, 0, 2, 1),
                                      groups=2), 0.6),
+    ("3x3_deep", ConvSpec(N=1, C=64, H=6, W=6, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.95),  # 8 chunks: input_parts
 ]
 REFUSALS = ("threads_x*threads_y", "shared memory", "channel_split > 1 needs stage_input",
             "rows_per_thread > 1 needs stage_input", "rows_per_thread > 1 does not apply",
-            "tiles_per_block > 1 needs stage_input", "tiles_per_block > 1 needs channel_split")
+            "tiles_per_block > 1 needs stage_input", "tiles_per_block > 1 needs channel_split",
+            "channel chunks of a conv group")
 
 
 def _one_knob_changes(default: SpecializedKnobs):
