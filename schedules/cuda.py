@@ -8,7 +8,9 @@ staged nonzero then feeds that many FMAs, and their input addresses differ by co
 constants, so the inner loop is loads at immediate offsets from one per-thread base.
 
 The padded input carries extra zero rows/columns (and images) so that threads past the output edge
-read in bounds and need no predicate in the inner loop; only their stores are guarded.
+read in bounds and need no predicate in the inner loop; only their stores are guarded. A conv without
+padding needs no pad op at all: there, threads past the edge read the last row, column and image instead
+(clamped bases, still constant offsets in the inner loop), so the kernel reads the input as it is.
 """
 from __future__ import annotations
 
@@ -91,6 +93,8 @@ class SparseConvCUDA(SparseConvRule):
     @staticmethod
     def layout(spec: ConvSpec, k: CUDAKnobs) -> tuple[int, int, int]:
         """Padded input pitch (hp, wp) and extra images, so every thread's reads stay in bounds."""
+        if _reads_clamped(spec):
+            return spec.H, spec.W, 0
         owt = -(-spec.OW // (k.threads_x * k.pixels_per_thread)) * k.threads_x * k.pixels_per_thread
         oht = -(-spec.OH // k.threads_y) * k.threads_y
         wp = max(spec.Wp, (owt - 1) * spec.stride[1] + (spec.KW - 1) * spec.dilation[1] + 1)
@@ -107,6 +111,12 @@ class SparseConvCUDA(SparseConvRule):
         return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec, extra_images=extra)
 
 
+def _reads_clamped(spec: ConvSpec) -> bool:
+    """Threads past the output edge read clamped pixels instead of a zero border: only where the conv has
+    no padding of its own (else the pad op is needed anyway and the border comes with it)."""
+    return not any(spec.pad)
+
+
 def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int, extra: int, k: CUDAKnobs):
     from tvm.script import tirx as T
 
@@ -120,9 +130,19 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
     COLS = -(-OW // (TX * VW))  # column tiles per row tile
     TILES = COLS * -(-OH // TY)
     KG = -(-K // KB)
-    NG = NP // VN
+    NG = -(-N // VN)  # (NP // VN where the images are padded; with clamped reads the last group is ragged)
     LOADS = -(-CH // NT)
     relu, res = epilogue.relu, epilogue.residual
+    clamp = _reads_clamped(spec)
+
+    def input_index(ng, i, oh, ow0, v, off):
+        """Image and element a thread's accumulator (i, v) reads for the nonzero at stretched offset ``off``."""
+        if not clamp:
+            return ng * VN + i, off + oh * (sh * wp) + ow0 * sw + v * (TX * sw)
+        from tvm import tirx
+
+        return (tirx.min(ng * VN + i, N - 1),
+                off + tirx.min(oh, OH - 1) * (sh * wp) + tirx.min(ow0 + v * TX, OW - 1) * sw)
 
     @T.prim_func(s_tir=True)
     def sparse_conv2d_cuda(x: T.Buffer((NP, CHW), "float32"), row_ptr: T.Buffer((K + 1,), "int32"),
@@ -147,7 +167,6 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                 acc = T.alloc_buffer((VN * VW,), "float32", scope="local")
                                 oh = (tile // COLS) * TY + ty
                                 ow0 = (tile % COLS) * (TX * VW) + tx
-                                base = oh * (sh * wp) + ow0 * sw
                                 start = row_ptr[kg * KB]
                                 end = row_ptr[T.min(kg * KB + KB, K)]
                                 if end - start <= CH:  # the whole group fits: stage it once
@@ -176,7 +195,7 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                             for i in T.unroll(VN):
                                                 for v in T.unroll(VW):
                                                     acc[i * VW + v] = acc[i * VW + v] + s_val[j] * x[
-                                                        ng * VN + i, s_off[j] + base + v * (TX * sw)]
+                                                        input_index(ng, i, oh, ow0, v, s_off[j])]
                                     for i in T.unroll(VN):
                                         for v in T.unroll(VW):
                                             if (kg * KB + kb < K and ng * VN + i < N and oh < OH

@@ -151,7 +151,7 @@ def first_input_numpy(x, layout: dict):
     import numpy as np
 
     if not layout["padded"]:
-        return x
+        return x.reshape(layout["shape"])
     N, C, H, W = x.shape
     top, left, hp, wp, rows = layout["top"], layout["left"], layout["hp"], layout["wp"], layout["rows"]
     xp = np.pad(x, ((0, rows - N), (0, 0), (top, hp - H - top), (left, wp - W - left)))
@@ -263,10 +263,12 @@ def probe_first_input(plan, spec, cache: dict) -> dict:
         return cache[key]
     x = np.arange(int(np.prod(spec.input_shape)), dtype=np.float32).reshape(spec.input_shape) + 1.0
     got = np.asarray(plan.prepare_input(x))
-    if plan.padded_input:
+    if plan.padded_input and ((plan.hp, plan.wp) != (spec.H, spec.W) or plan.extra_images):
         layout = {"padded": True, "rows": int(got.shape[0]) if got.ndim == 2 else -1, "hp": int(plan.hp),
                   "wp": int(plan.wp), "top": int(spec.pad[0]), "left": int(spec.pad[1])}
         layout["shape"] = [layout["rows"], spec.C * plan.hp * plan.wp]
+    elif plan.padded_input:  # nothing to pad: the graph pass emits a reshape only (a view)
+        layout = {"padded": False, "shape": [spec.N, spec.C * spec.H * spec.W]}
     else:
         layout = {"padded": False, "shape": list(spec.input_shape)}
     want = first_input_numpy(x, layout) if layout.get("rows", 0) >= spec.N or not layout["padded"] else None
@@ -1277,7 +1279,7 @@ class _Gpu:
 
     def first_input(self, x, layout: dict):
         if not layout["padded"]:
-            return x.contiguous()
+            return x.contiguous().reshape(layout["shape"])
         N, C, H, W = x.shape
         top, left, hp, wp, rows = layout["top"], layout["left"], layout["hp"], layout["wp"], layout["rows"]
         xp = self.F.pad(x, (left, wp - W - left, top, hp - H - top, 0, 0, 0, rows - N))
