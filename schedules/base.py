@@ -94,6 +94,12 @@ class SparseConvRule:
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> Knobs:
         raise NotImplementedError
 
+    def pays(self, spec: ConvSpec, weight: SparseConvWeight) -> str | None:
+        """The cost rule: None where build's automatic choice should take this kernel, else why not (said
+        in the report). Rules state only what their measurements support; a forced kernel or a tuning log
+        is not subject to it."""
+        return None
+
     def apply(self, spec: ConvSpec, weight: SparseConvWeight, epilogue: Epilogue,
               knobs: Knobs | None = None) -> KernelPlan:
         raise NotImplementedError

@@ -47,6 +47,17 @@ class CUDAKnobs(Knobs):
             raise ValueError(f"threads_x*threads_y={self.threads_x * self.threads_y} must be in [32, 1024]")
 
 
+# Where the CSR kernel beats the build's dense path (TVM's conv2d), from the sparsity sweep at batch 32
+# (docs/benchmarks.md): on a 56x56-output layer (vgg16.conv3_2) it loses at 70% and 80% (9.2 and 8.1 vs
+# 7.6 ms) and wins at 90% (5.4): crossover ~82%; on a 14x14-output layer (resnet50.l3.3x3) it ties at 70%
+# and wins from 80%. The boundary between the two shapes (28x28 outputs) is not measured. At batch 1
+# (90%) it beat TVM dense by 1.8-20x on 3x3 layers and tied on two 1x1 layers; no batch-1 sweep exists,
+# so the rule applies from batch 16 only.
+MIN_SPARSITY_LARGE_OUTPUT = 0.85
+LARGE_OUTPUT_PIXELS = 28 * 28
+LARGE_BATCH = 16
+
+
 def _pow2_at_least(n: int) -> int:
     p = 1
     while p < n:
@@ -61,6 +72,14 @@ class SparseConvCUDA(SparseConvRule):
 
     def is_target(self, target) -> bool:
         return target.kind.name == "cuda"
+
+    def pays(self, spec: ConvSpec, weight: SparseConvWeight) -> str | None:
+        """Whether it beats the dense path (the sweep above)."""
+        large = spec.N >= LARGE_BATCH and spec.OH * spec.OW >= LARGE_OUTPUT_PIXELS
+        if not large or weight.sparsity >= MIN_SPARSITY_LARGE_OUTPUT:
+            return None
+        return (f"cost rule: at batch {spec.N} on {spec.OH}x{spec.OW} outputs the CSR kernel needs sparsity >= "
+                f"{MIN_SPARSITY_LARGE_OUTPUT} to beat the dense path (this weight: {weight.sparsity:.3f})")
 
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> CUDAKnobs:
         OH, OW = spec.OH, spec.OW

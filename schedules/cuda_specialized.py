@@ -40,6 +40,17 @@ KERNEL_NONZEROS = 16384
 # bench layer uncapped and only bounds batch-1 builds, which the cost rule keeps on CSR above 32768 anyway.
 PART_GROWTH = 16
 MAX_NONZEROS = 262144
+# Where the specialised kernel pays (H200, docs/benchmarks.md): at batch 32 it beat the CSR kernel on
+# all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros. Larger layers at batch
+# 1, since the grid runs one group's blocks together (bench/b1_big, b1_final_conv*): where an image has
+# many output pixels, many warps run each group's code and it wins big: vgg16.conv3_2 (58982 nonzeros,
+# 56x56 outputs) 72.9 vs 177.5 us on CSR + pad, vgg16.conv4_2 (235930, 28x28) 70.5 vs 186.8 us (234 s
+# of compile). On 13x13/14x14 outputs it is only 10% faster (alexnet.conv3 20.5 vs 23.0 us,
+# resnet50.l3.3x3 22.2 vs 24.5) for 1.5-4 minutes of ptxas each, which a ResNet-50 build would pay six
+# times: those stay on CSR. Batches 2-15 were not measured; they take the batch-1 rule.
+SMALL_BATCH_MAX_NONZEROS = 32768
+LARGE_BATCH = 16
+LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,14 @@ class SpecializedCUDA(SparseConvRule):
 
     def is_target(self, target) -> bool:
         return target.kind.name == "cuda"
+
+    def pays(self, spec: ConvSpec, weight: SparseConvWeight) -> str | None:
+        """Whether it beats the CSR kernel by enough to pay for its compile time (the measurements above)."""
+        if spec.N >= LARGE_BATCH or weight.nnz <= SMALL_BATCH_MAX_NONZEROS or spec.OH * spec.OW >= LARGE_IMAGE:
+            return None
+        return (f"cost rule: at batch {spec.N} (< {LARGE_BATCH}) a layer of {weight.nnz} nonzeros on "
+                f"{spec.OH}x{spec.OW} outputs runs faster on the CSR kernel (or not enough faster specialised to "
+                f"pay for its compile time)")
 
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
         flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))

@@ -1,7 +1,7 @@
 """Per-layer table of what ``escort_tvm.build(kernel="auto")`` picks, from ``bench.py measure`` results.
 
 The bench reports the best of our kernels and knob variants; a user gets the cost rule's kernel with its
-default knobs. This reads one or more measured ``bench.json`` files, applies ``relay_passes.kernel_choice.specialized_pays`` to each 90% layer, and prints the
+default knobs. This reads one or more measured ``bench.json`` files, applies the specialised rule's cost rule (``SpecializedCUDA.pays``) to each 90% layer, and prints the
 build's choice next to the best measured and the baselines: the measured variant whose knobs are the
 rules' current defaults, from the last file that has one (with that run's baselines; marked where no run
 has it, and the last run's default is shown instead), CSR time including its pad op.
@@ -46,7 +46,6 @@ def geomean(xs):
 
 def main() -> int:
     from escort_tvm.conv_spec import ConvSpec
-    from relay_passes.kernel_choice import specialized_pays
     from schedules import SpecializedCUDA
     from schedules.cuda import SparseConvCUDA
 
@@ -65,7 +64,7 @@ def main() -> int:
     for (layer, n), rs in runs.items():
         spec = ConvSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in rs[-1]["spec"].items()})
 
-        specialised = specialized_pays(spec, SimpleNamespace(nnz=rs[-1]["nnz"])) is None  # it reads nnz only
+        specialised = SpecializedCUDA().pays(spec, SimpleNamespace(nnz=rs[-1]["nnz"])) is None  # it reads nnz only
         knobs = (SpecializedCUDA() if specialised else SparseConvCUDA()).default_knobs(spec, None)
 
         def chosen(r):

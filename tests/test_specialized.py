@@ -160,44 +160,44 @@ def test_auto_follows_the_tuning_log(rng, tmp_path):
 
 
 def test_auto_cost_rule_keeps_large_layers_on_csr_at_small_batch(rng):
-    from relay_passes.kernel_choice import SPECIALIZED_LARGE_BATCH, SPECIALIZED_MAX_NNZ_SMALL_BATCH
+    from schedules.cuda_specialized import LARGE_BATCH, SMALL_BATCH_MAX_NONZEROS
 
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     w = pruned(rng, (128, 128, 3, 3), 0.7)
     weight = SparseConvWeight.from_dense(w)
-    assert weight.nnz > SPECIALIZED_MAX_NNZ_SMALL_BATCH
+    assert weight.nnz > SMALL_BATCH_MAX_NONZEROS
     small = ConvSpec(N=1, C=128, H=4, W=4, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
     plan, notes = KernelChooser(rules_for(target)).plan(small, weight, Epilogue())
     assert plan.rule == "cuda.register_tiled" and "cost rule" in notes[0]
     forced, _ = KernelChooser(rules_for(target), kernel="specialized").plan(small, weight, Epilogue())
     assert forced.rule == SpecializedCUDA.name  # the rule only steers "auto"
-    large = ConvSpec(N=SPECIALIZED_LARGE_BATCH, C=128, H=4, W=4, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
+    large = ConvSpec(N=LARGE_BATCH, C=128, H=4, W=4, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
     plan, notes = KernelChooser(rules_for(target)).plan(large, weight, Epilogue())
     assert plan.rule == SpecializedCUDA.name and notes == []
 
 
 def test_auto_cost_rule_takes_large_images_specialised_at_small_batch(rng):
-    from relay_passes.kernel_choice import SPECIALIZED_LARGE_IMAGE, SPECIALIZED_MAX_NNZ_SMALL_BATCH, specialized_pays
+    from schedules.cuda_specialized import LARGE_IMAGE, SMALL_BATCH_MAX_NONZEROS
 
+    pays = SpecializedCUDA().pays
     weight = SparseConvWeight.from_dense(pruned(rng, (128, 128, 3, 3), 0.5))
-    assert weight.nnz > SPECIALIZED_MAX_NNZ_SMALL_BATCH
-    side = int(SPECIALIZED_LARGE_IMAGE ** 0.5)
+    assert weight.nnz > SMALL_BATCH_MAX_NONZEROS
+    side = int(LARGE_IMAGE ** 0.5)
     big = ConvSpec(N=1, C=128, H=side, W=side, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
     small = ConvSpec(N=1, C=128, H=side - 1, W=side - 1, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
-    assert specialized_pays(big, weight) is None
-    assert "runs faster on the CSR kernel" in specialized_pays(small, weight)
+    assert pays(big, weight) is None
+    assert "runs faster on the CSR kernel" in pays(small, weight)
 
 
 def test_auto_keeps_a_large_output_layer_dense_below_the_csr_crossover(rng):
-    from relay_passes.kernel_choice import (CSR_LARGE_OUTPUT_PIXELS, CSR_MIN_SPARSITY_LARGE_OUTPUT,
-                                            SPECIALIZED_LARGE_BATCH)
+    from schedules.cuda import LARGE_BATCH, LARGE_OUTPUT_PIXELS, MIN_SPARSITY_LARGE_OUTPUT
 
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
-    side = int(CSR_LARGE_OUTPUT_PIXELS ** 0.5)
-    spec = ConvSpec(N=SPECIALIZED_LARGE_BATCH, C=8, H=side, W=side, K=8, KH=3, KW=3, pad=(1, 1, 1, 1))
+    side = int(LARGE_OUTPUT_PIXELS ** 0.5)
+    spec = ConvSpec(N=LARGE_BATCH, C=8, H=side, W=side, K=8, KH=3, KW=3, pad=(1, 1, 1, 1))
     below = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.75))
     above = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9))
-    assert below.sparsity < CSR_MIN_SPARSITY_LARGE_OUTPUT <= above.sparsity
+    assert below.sparsity < MIN_SPARSITY_LARGE_OUTPUT <= above.sparsity
     no_spec = dict(specialized_budget=0)  # the specialised kernel out of the way, as when the budget is spent
     plan, notes = KernelChooser(rules_for(target), **no_spec).plan(spec, below, Epilogue())
     assert plan is None and "budget" in notes[0] and "needs sparsity >= 0.85" in notes[1]
