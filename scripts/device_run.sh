@@ -1,5 +1,5 @@
 #!/bin/bash
-# One call on the GPU machine: unpack the runtime-only TVM, check the specialised kernels (CHECK=dir),
+# One call on the GPU machine: unpack the runtime-only TVM, check kernels (CHECK="dir [dir...]"),
 # measure each prepared bench folder given as an argument (BUDGET seconds each), ncu on NCU_LAYERS of the
 # first folder; everything lands in $OUT/run.tgz. On the build machine first:
 #   tar cJf .gpu/devbundle.tar.xz .devbundle   # ~4 MB of carry instead of 23 MB
@@ -12,10 +12,11 @@ export PYTHONUNBUFFERED=1
 O=/tmp/o; rm -rf $O; mkdir -p $O
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv > $O/smi.txt
 date -u +%FT%TZ > $O/date.txt
-if [ -n "$CHECK" ]; then
-  timeout 150 python3 scripts/gpu_check.py run --dir $CHECK --out $O/check > $O/check.log 2>&1
-  echo "gpu_check rc=$?"; tail -3 $O/check.log
-fi
+for C in $CHECK; do  # one or more gpu_check folders
+  c=check_$(basename $C)
+  timeout 150 python3 scripts/gpu_check.py run --dir $C --out $O/$c > $O/$c.log 2>&1
+  echo "gpu_check $C rc=$?"; tail -3 $O/$c.log
+done
 for B in "$@"; do
   n=$(basename $B)
   timeout $((BUDGET + 40)) python3 scripts/bench.py measure --bench-dir $B --out $O/$n --budget-s $BUDGET > $O/$n.log 2>&1
