@@ -74,7 +74,12 @@ def conv2d_reference(x, weight, spec: ConvSpec, bias=None, relu=False, residual=
 
 
 def padded_input(x: np.ndarray, spec: ConvSpec, hp: int, wp: int) -> np.ndarray:
-    """The (N, C*hp*wp) padded input a sparse kernel reads; extra rows/columns beyond the conv's pad are zeros."""
+    """The (N, C*hp*wp) padded input a sparse kernel reads; extra rows/columns beyond the conv's pad are zeros.
+
+    ``(hp, wp) == (H, W)`` is the plain input, flattened, even for a padded conv: the kernel needs no border
+    or makes its own (the graph pass then emits no pad op either)."""
+    if (hp, wp) == (spec.H, spec.W):
+        return np.ascontiguousarray(x).reshape(spec.N, -1)
     pt, pl = spec.pad[0], spec.pad[1]
     out = np.zeros((spec.N, spec.C, hp, wp), dtype=x.dtype)
     out[:, :, pt:pt + spec.H, pl:pl + spec.W] = x

@@ -56,8 +56,9 @@ class KernelPlan:
     """A scheduled kernel and what it needs: the padded input pitch and its constant weight arrays.
 
     The kernel's parameters are ``(x, *weight_arrays, bias[K], [residual[N, K, OH, OW]], y[N, K, OH, OW])``:
-    ``x`` is ``x_pad[N, C*hp*wp]`` when ``padded_input`` else the NCHW input, and the residual is there
-    only when the epilogue adds one.
+    ``x`` is ``x_pad[N, C*hp*wp]`` when ``padded_input`` (with ``(hp, wp) == (H, W)``: the plain input,
+    flattened, even for a padded conv, whose border the kernel then makes itself) else the NCHW input,
+    and the residual is there only when the epilogue adds one.
     """
 
     func: Any  # tvm.tirx.PrimFunc

@@ -10,7 +10,10 @@ constants, so the inner loop is loads at immediate offsets from one per-thread b
 The padded input carries extra zero rows/columns (and images) so that threads past the output edge
 read in bounds and need no predicate in the inner loop; only their stores are guarded. A conv without
 padding needs no pad op at all: there, threads past the edge read the last row, column and image instead
-(clamped bases, still constant offsets in the inner loop), so the kernel reads the input as it is.
+(clamped bases, still constant offsets in the inner loop), so the kernel reads the input as it is. With
+``pad_on_chip`` a padded conv needs none either: each nonzero's offset carries its (kh, kw) in its top
+byte and every load is predicated on the pixel being inside the image (zero outside), a few integer
+instructions per nonzero instead of a pad op's launch and round trip through memory.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class CUDAKnobs(Knobs):
     images_per_thread: int = 1  # images per thread (input planes at a constant stride)
     channels_per_block: int = 4  # output channels whose CSR rows one block stages and walks in turn
     chunk: int = 1024  # nonzeros staged in shared memory at a time
+    pad_on_chip: bool = False  # padded conv: predicated loads of the plain input instead of a pad op
     SPACE: ClassVar = {
         "threads_x": (8, 16, 32),
         "threads_y": (1, 2, 4, 8, 16),
@@ -39,6 +43,7 @@ class CUDAKnobs(Knobs):
         "images_per_thread": (1, 2, 4, 8),
         "channels_per_block": (1, 2, 4, 8, 16),
         "chunk": (256, 512, 1024, 2048),
+        "pad_on_chip": (False, True),
     }
 
     def validate(self) -> None:
@@ -112,7 +117,7 @@ class SparseConvCUDA(SparseConvRule):
     @staticmethod
     def layout(spec: ConvSpec, k: CUDAKnobs) -> tuple[int, int, int]:
         """Padded input pitch (hp, wp) and extra images, so every thread's reads stay in bounds."""
-        if _reads_clamped(spec):
+        if _reads_clamped(spec) or k.pad_on_chip:
             return spec.H, spec.W, 0
         owt = -(-spec.OW // (k.threads_x * k.pixels_per_thread)) * k.threads_x * k.pixels_per_thread
         oht = -(-spec.OH // k.threads_y) * k.threads_y
@@ -126,6 +131,8 @@ class SparseConvCUDA(SparseConvRule):
         knobs.validate()
         hp, wp, extra = self.layout(spec, knobs)
         arrays = csr_arrays(weight, spec, hp, wp)
+        if _reads_predicated(spec, knobs):
+            arrays = (arrays[0], _packed_offsets(spec, weight, arrays[1])) + arrays[2:]
         func = _cuda_kernel(spec, len(arrays[1]), epilogue, hp, wp, extra, knobs)
         return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec, extra_images=extra)
 
@@ -134,6 +141,27 @@ def _reads_clamped(spec: ConvSpec) -> bool:
     """Threads past the output edge read clamped pixels instead of a zero border: only where the conv has
     no padding of its own (else the pad op is needed anyway and the border comes with it)."""
     return not any(spec.pad)
+
+
+def _reads_predicated(spec: ConvSpec, k: CUDAKnobs) -> bool:
+    return k.pad_on_chip and not _reads_clamped(spec)
+
+
+TAP_SHIFT = 24  # packed offset: bits 0-23 the unpadded offset, 24-27 kh * dh, 28-31 kw * dw
+
+
+def _packed_offsets(spec: ConvSpec, weight: SparseConvWeight, offsets):
+    """Offsets into the plain (C, H, W) input with each nonzero's kernel row and column in the top byte."""
+    import numpy as np
+
+    (dh, dw) = spec.dilation
+    if spec.C * spec.H * spec.W >= 1 << TAP_SHIFT or (spec.KH - 1) * dh > 15 or (spec.KW - 1) * dw > 15:
+        raise ValueError(f"pad_on_chip packs offsets below 2^{TAP_SHIFT} and (kh, kw) * dilation below 16: "
+                         f"{spec.describe()} does not fit")
+    if weight.nnz == 0:
+        return offsets
+    tap = (weight.kh.astype(np.int64) * dh << TAP_SHIFT) | (weight.kw.astype(np.int64) * dw << (TAP_SHIFT + 4))
+    return (offsets.astype(np.int64) | tap).astype(np.uint32).view(np.int32)
 
 
 def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int, extra: int, k: CUDAKnobs):
@@ -152,16 +180,23 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
     NG = -(-N // VN)  # (NP // VN where the images are padded; with clamped reads the last group is ragged)
     LOADS = -(-CH // NT)
     relu, res = epilogue.relu, epilogue.residual
-    clamp = _reads_clamped(spec)
+    clamp, predicated = _reads_clamped(spec), _reads_predicated(spec, k)
+    pt, pl = spec.pad[0], spec.pad[1]
 
-    def input_index(ng, i, oh, ow0, v, off):
-        """Image and element a thread's accumulator (i, v) reads for the nonzero at stretched offset ``off``."""
-        if not clamp:
-            return ng * VN + i, off + oh * (sh * wp) + ow0 * sw + v * (TX * sw)
+    def tap_value(x, ng, i, oh, ow0, v, off):
+        """The input a thread's accumulator (i, v) multiplies by the nonzero at (stretched) offset ``off``."""
+        if not (clamp or predicated):
+            return x[ng * VN + i, off + oh * (sh * wp) + ow0 * sw + v * (TX * sw)]
         from tvm import tirx
 
-        return (tirx.min(ng * VN + i, N - 1),
-                off + tirx.min(oh, OH - 1) * (sh * wp) + tirx.min(ow0 + v * TX, OW - 1) * sw)
+        n = tirx.min(ng * VN + i, N - 1)
+        if clamp:
+            return x[n, off + tirx.min(oh, OH - 1) * (sh * wp) + tirx.min(ow0 + v * TX, OW - 1) * sw]
+        ih = oh * sh - pt + ((off >> TAP_SHIFT) & 15)
+        iw = (ow0 + v * TX) * sw - pl + ((off >> (TAP_SHIFT + 4)) & 15)
+        inside = tirx.all(ih >= 0, ih < spec.H, iw >= 0, iw < spec.W)
+        at = (off & ((1 << TAP_SHIFT) - 1)) + (oh * sh - pt) * wp + (ow0 + v * TX) * sw - pl
+        return tirx.if_then_else(inside, x[n, at], tirx.const(0.0, "float32"))
 
     @T.prim_func(s_tir=True)
     def sparse_conv2d_cuda(x: T.Buffer((NP, CHW), "float32"), row_ptr: T.Buffer((K + 1,), "int32"),
@@ -213,8 +248,8 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                         for j in T.serial(T.max(lo - c * CH, 0), T.min(hi - c * CH, CH)):
                                             for i in T.unroll(VN):
                                                 for v in T.unroll(VW):
-                                                    acc[i * VW + v] = acc[i * VW + v] + s_val[j] * x[
-                                                        input_index(ng, i, oh, ow0, v, s_off[j])]
+                                                    acc[i * VW + v] = acc[i * VW + v] + s_val[j] * tap_value(
+                                                        x, ng, i, oh, ow0, v, s_off[j])
                                     for i in T.unroll(VN):
                                         for v in T.unroll(VW):
                                             if (kg * KB + kb < K and ng * VN + i < N and oh < OH

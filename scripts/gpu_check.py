@@ -203,10 +203,13 @@ def _modules(mod):
 
 
 def _variants(rule, spec, weight, n):
-    """The default knobs plus n-1 seeded random settings (small chunks included, to hit the multi-chunk path)."""
+    """The default knobs, its padding flipped on or off chip, then seeded random settings up to n (small chunks
+    included, to hit the multi-chunk path)."""
     from schedules import CUDAKnobs
 
     out = [rule.default_knobs(spec, weight)]
+    if n > 1 and any(spec.pad):  # the padded conv with its padding on chip (predicated loads)
+        out.append(out[0].with_(pad_on_chip=not out[0].pad_on_chip))
     rng = np.random.default_rng(len(out) + spec.K)
     while len(out) < n:
         kw = {name: vals[rng.integers(len(vals))] for name, vals in CUDAKnobs.SPACE.items()}

@@ -32,11 +32,11 @@ def _timed(v):
 
 def _current_default(variants, knobs):
     """The measured variant with today's default knobs (the rules' defaults may have changed since the run),
-    else the run's default; (ms, whether the knobs matched)."""
-    for v in variants or []:
-        if knobs is not None and v.get("knobs") == knobs.as_dict():
-            return _timed(v), True
-    return next((_timed(v) for v in variants or [] if v.get("default")), None), False
+    else the run's default; (variant or None, whether the knobs matched)."""
+    for v in variants or []:  # (a knob added since the run counts at its default value)
+        if knobs is not None and v.get("knobs") and type(knobs)(**v["knobs"]) == knobs:
+            return v, True
+    return next((v for v in variants or [] if v.get("default")), None), False
 
 
 def geomean(xs):
@@ -68,11 +68,15 @@ def main() -> int:
         knobs = (SpecializedCUDA() if specialised else SparseConvCUDA()).default_knobs(spec, None)
 
         def chosen(r):
-            """(ms, knobs matched) of the cost rule's kernel in run row ``r``, or None where it was not built."""
+            """(ms, knobs matched) of the cost rule's kernel in run row ``r`` (CSR: plus the pad op its input
+            layout needs; runs before per-variant pads give the row's), or None where it was not built."""
             if specialised:
-                return _current_default((r.get("specialized") or {}).get("variants"), knobs)
-            ms, now = _current_default(r.get("variants"), knobs)
-            return (ms + (r.get("pad_ms") or 0.0) if ms else None), now
+                v, now = _current_default((r.get("specialized") or {}).get("variants"), knobs)
+                return (_timed(v) if v else None), now
+            v, now = _current_default(r.get("variants"), knobs)
+            ms = _timed(v) if v else None
+            pad = v.get("pad_ms", r.get("pad_ms")) if v else None
+            return (ms + (pad or 0.0) if ms else None), now
 
         # the last run that measured today's default knobs (its own baselines), else the last run
         picks = [(r, *chosen(r)) for r in rs]

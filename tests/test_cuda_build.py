@@ -193,3 +193,20 @@ def test_sparse_cuda_kernel_output_fits_int32(rng):
     assert r.kernel == "dense" and "32-bit" in r.reason, (
         "sparse kernel writes 2**31 output elements; its source indexes y as: "
         + next((ln.strip()[:160] for ln in cuda_source(built.executable).splitlines() if "y_ptr[" in ln), "?"))
+
+
+def test_pad_on_chip_offsets_carry_each_nonzero_tap(rng):
+    """The packed offset of pad_on_chip: the plain (C, H, W) offset below bit 24, kh * dh and kw * dw above."""
+    from schedules.cuda import TAP_SHIFT
+
+    spec = ConvSpec(N=1, C=5, H=9, W=11, K=4, KH=3, KW=5, pad=(1, 2, 1, 2), dilation=(2, 1))
+    sw = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.6))
+    plan = SparseConvCUDA().apply(spec, sw, Epilogue(), SparseConvCUDA().default_knobs(spec, sw).with_(pad_on_chip=True))
+    assert (plan.hp, plan.wp, plan.extra_images) == (spec.H, spec.W, 0)  # the graph pass emits no pad op
+    packed = plan.weight_arrays[1].view(np.uint32).astype(np.int64)
+    assert np.array_equal(packed & ((1 << TAP_SHIFT) - 1), sw.stretched_offsets(spec.H, spec.W, spec.dilation))
+    assert np.array_equal((packed >> TAP_SHIFT) & 15, sw.kh * 2) and np.array_equal(packed >> (TAP_SHIFT + 4), sw.kw)
+    big = ConvSpec(N=1, C=1 << 10, H=128, W=128, K=4, KH=3, KW=3, pad=(1, 1, 1, 1))  # C*H*W = 2^24
+    wb = SparseConvWeight.from_dense(np.eye(4, 1 << 10, dtype=np.float32)[:, :, None, None] * np.ones((3, 3), np.float32))
+    with pytest.raises(ValueError, match="pad_on_chip packs offsets"):
+        SparseConvCUDA().apply(big, wb, Epilogue(), SparseConvCUDA().default_knobs(big, wb).with_(pad_on_chip=True))
