@@ -19,11 +19,13 @@ import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+
 from escort_tvm.compute import Epilogue
 from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
-from . import ptx_taps
+from . import ptx_taps, work_queue
 from .base import KernelPlan, Knobs, SparseConvRule
 from .unrolled import ChannelGroup, unrolled_program
 
@@ -73,6 +75,9 @@ class SpecializedKnobs(Knobs):
     # applies the epilogue): a launch runs 1/input_parts of each group's code, so the blocks resident on an SM
     # share a smaller instruction footprint, for one more read and write of y per extra launch.
     input_parts: int = 1
+    # Blocks take their work from their SM's home group (schedules.work_queue), so the blocks resident on one
+    # SM run one group's code; needs a zeroed int32 array of counters (the plan's one weight array).
+    sm_affine: bool = False
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32),
         "threads_x": (8, 16, 32, 64, 128),
@@ -86,6 +91,7 @@ class SpecializedKnobs(Knobs):
         "images_per_block": (1, 2, 4),
         "tiles_per_block": (1, 2, 4),
         "input_parts": (1, 2, 4, 8),
+        "sm_affine": (False, True),
     }
 
     def validate(self) -> None:
@@ -273,7 +279,9 @@ class SpecializedCUDA(SparseConvRule):
                              f"({spec.Cg} input channels, channel_chunk={knobs.channel_chunk})")
         groups = unrolled_program(weight, knobs.channels_per_thread)
         func = specialized_cuda_kernel(spec, groups, epilogue, knobs, self.kernel_nonzeros, self.fill_warps)
-        return KernelPlan(func, spec.H, spec.W, (), self.name, knobs, spec, padded_input=False)
+        work = next((p for p in func.params if p.name == "work"), None)
+        arrays = (np.zeros(int(work.ty.shape[0]), np.int32),) if work is not None else ()
+        return KernelPlan(func, spec.H, spec.W, arrays, self.name, knobs, spec, padded_input=False)
 
 
 def _tree(T, var, keys: list[int], leaf, exact: bool):
@@ -369,7 +377,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
     KS, IB, TB, TI = k.channel_split, k.images_per_block, geo.TB, geo.images
 
-    def emit_part(xf, bias, rf, yf, part: list[ChannelGroup], piece: int):
+    def emit_part(xf, bias, rf, yf, part: list[ChannelGroup], piece: int, work=None, work_at: int = 0):
         """One kernel: blockIdx.z picks a group of ``part``; threadIdx.z a slice of its chunk loop. It covers
         input piece ``piece`` of ``k.input_parts`` (a contiguous run of each conv group's channel chunks)."""
         KG = max(g.size for g in part)
@@ -385,17 +393,31 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
         def taps_of(gi: int) -> tuple:
             lo, hi = chunk_range[gi]
             return tuple(t for t in part[gi].taps if lo <= t.c // CC < hi)
-        # Group slowest: the blocks resident at one time run few groups' code (instruction cache); image
-        # slowest: they read few images' input (L2), which pays when the code is small.
-        grp, img = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y")
-        if not k.group_major:
-            grp, img = img, grp
-        tile = T.env_thread("blockIdx.x")
+        images, items = -(-N // (IB * TI)), -(-N // (IB * TI)) * geo.tiles  # work items per group
         tz, ty, tx = T.env_thread("threadIdx.z"), T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
+        if k.sm_affine:  # one block per work item; which one it takes is decided at run time
+            blocks = [(T.env_thread("blockIdx.x"), len(part) * items)]
+        else:
+            # Group slowest: the blocks resident at one time run few groups' code (instruction cache); image
+            # slowest: they read few images' input (L2), which pays when the code is small.
+            grp, img = T.env_thread("blockIdx.z"), T.env_thread("blockIdx.y")
+            if not k.group_major:
+                grp, img = img, grp
+            tile = T.env_thread("blockIdx.x")
+            blocks = [(img, images), (grp, len(part)), (tile, geo.tiles)]
         with contextlib.ExitStack() as launch:
-            for var, extent in ((img, -(-N // (IB * TI))), (grp, len(part)), (tile, geo.tiles)) \
-                    + (((tz, KS * IB),) if KS * IB > 1 else ()) + ((ty, TY), (tx, TX)):
+            for var, extent in blocks + ([(tz, KS * IB)] if KS * IB > 1 else []) + [(ty, TY), (tx, TX)]:
                 launch.enter_context(T.launch_thread(var, extent))
+            lead = tvm.tirx.all(ty == 0, tx == 0, *([tz == 0] if KS * IB > 1 else []))
+            if k.sm_affine:
+                took = T.alloc_buffer((1,), "int32", scope="shared")
+                with T.If(lead):
+                    with T.Then():
+                        work_queue.emit_take(T, len(part), items, T.address_of(work[work_at]), took[0])
+                T.evaluate(T.tvm_storage_sync("shared"))
+                item = T.alloc_buffer((1,), "int32", scope="local")
+                T.buffer_store(item, took[0], [i32(0)])
+                grp, img, tile = item[0] // items, item[0] % items // geo.tiles, item[0] % geo.tiles
             # threadIdx.z = (image of the block) * KS + (slice of the chunk loop)
             sz = (tz % KS if IB > 1 else tz) if KS > 1 else i32(0)
             sub = (tz // KS if KS > 1 else tz) if IB > 1 else i32(0)
@@ -601,22 +623,33 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 with T.serial(0, TB) as t:
                     park(t, store=False)
                     _tree(T, grp, list(range(len(part))), lambda gi: store(gi, t), exact=False)
+            if k.sm_affine:  # every block took its item before this: the last one zeroes the counters
+                with T.If(lead):
+                    with T.Then():
+                        work_queue.emit_finish(T, len(part), len(part) * items, T.address_of(work[work_at]))
 
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name("escort_specialized_conv")
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             x = T.arg("x", T.buffer((N, C, H, W), "float32"))
+            warps_per_block = -(-NT * KS * IB // 32)
+            blocks_per_group = geo.tiles * -(-N // (IB * geo.images))
+            min_groups = max(1, -(-fill_warps // (blocks_per_group * warps_per_block)))
+            parts = kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS, min_groups)
+            launches = [(part, piece) for part in parts for piece in range(k.input_parts)]  # in this order
+            if k.sm_affine:  # each launch's work counters, one after the other
+                at = np.cumsum([0] + [work_queue.counters(len(part)) for part, _ in launches])
+                work = T.arg("work", T.buffer((int(at[-1]),), "int32"))
             bias = T.arg("bias", T.buffer((K,), "float32"))
             res = T.arg("residual", T.buffer((N, K, OH, OW), "float32")) if residual else None
             y = T.arg("y", T.buffer((N, K, OH, OW), "float32"))
             xf = T.decl_buffer((N * C * H * W,), "float32", data=x.data)
             yf = T.decl_buffer((N * K * OH * OW,), "float32", data=y.data)
             rf = T.decl_buffer((N * K * OH * OW,), "float32", data=res.data) if residual else None
-            blocks_per_group = geo.tiles * -(-N // (IB * geo.images))
-            warps_per_block = -(-NT * KS * IB // 32)
-            min_groups = max(1, -(-fill_warps // (blocks_per_group * warps_per_block)))
-            for part in kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS, min_groups):
-                for piece in range(k.input_parts):  # launched in this order: each piece adds to the last
+            for li, (part, piece) in enumerate(launches):  # each input piece adds to the one before
+                if k.sm_affine:
+                    emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece, work, int(at[li]))
+                else:
                     emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece)
     return ib.get()

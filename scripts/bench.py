@@ -572,9 +572,10 @@ def build_specialized(job: dict) -> dict:
         return {**out, "status": "error",
                 "error": "the kernel's TIR differs from the one prepare hashed: the sources changed mid-run "
                          "(its cache key would lie)"}
-    if plan.weight_arrays != () or plan.padded_input is not False:
-        raise RuntimeError(f"{rule.name} plan has weight arrays {len(plan.weight_arrays)} / padded_input "
-                           f"{plan.padded_input}; bench.py passes (x[N,C,H,W], bias, [residual], y)")
+    workspace = [int(a.shape[0]) for a in plan.weight_arrays]  # the work-queue counters of sm_affine, zeroed
+    if any(a.dtype != np.int32 or a.ndim != 1 or a.any() for a in plan.weight_arrays) or plan.padded_input is not False:
+        raise RuntimeError(f"{rule.name} plan has weight arrays {[a.dtype for a in plan.weight_arrays]} / padded_input "
+                           f"{plan.padded_input}; bench.py passes (x[N,C,H,W], [zeroed int32 counters], bias, y)")
     sig = _signature(plan.func)
     stats = program_stats(unrolled_program(weight, knobs.channels_per_thread))
     target = tvm.target.Target(job["target"])
@@ -603,7 +604,7 @@ def build_specialized(job: dict) -> dict:
         tmp.replace(dest)
     nvcc_s = sum(c["nvcc_s"] for c in cap.compiles)
     params = _entry_params(source, kernel)
-    return {**out, "status": "ok", "params": sig, "program": stats,
+    return {**out, "status": "ok", "params": sig, "program": stats, "workspace": workspace,
             "compile": {"schedule_s": round(t_apply, 2), "lower_s": round(t_compile - nvcc_s, 2),
                         "nvcc_s": round(nvcc_s, 2), "compile_s": round(t_apply + t_compile, 2), "cpu_s": round(cpu, 2)},
             "code": {"text_bytes": _kernel_text_bytes(cc["sections"], kernel), "kernels": len(kernels),
@@ -930,7 +931,9 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
             v = {"index": job["index"], "name": job["name"], "symbol": job["build"]["symbol"],
                  "default": job["name"] == "default", "rule": srule.name, "knobs": job["build"]["knobs"],
                  "so": Path(job["dest"]).name, "params": res["params"], "first_input": {"padded": False,
-                 "shape": res["params"][0][1]}, "arrays": [], "cached": bool(res.get("cached"))}
+                 "shape": res["params"][0][1]}, "cached": bool(res.get("cached")),
+                 "arrays": [{"key": f"zeros{j}", "shape": [n], "dtype": "int32", "zeros": True}  # made on the GPU
+                            for j, n in enumerate(res.get("workspace", []))]}
             for k in ("program", "compile", "code", "resources", "device_params", "ptx_global_loads"):
                 v[k] = res.get(k)
             sp_entry["variants"].append(v)
@@ -1121,8 +1124,9 @@ def verify(bench_dir: Path, reapply: bool = True) -> list[str]:
             want = [s["N"], s["C"], s["H"], s["W"]]
             oh, ow = out_hw(s)
             shapes = [p[1] for p in v["params"]]
-            if shapes != [want, [s["K"]], [s["N"], s["K"], oh, ow]] or v["arrays"]:
-                problems.append(f"{v['symbol']}: params {v['params']} are not (x[N,C,H,W], bias[K], y)")
+            work = [a["shape"] for a in v["arrays"]]
+            if shapes != [want, *work, [s["K"]], [s["N"], s["K"], oh, ow]] or not all(a.get("zeros") for a in v["arrays"]):
+                problems.append(f"{v['symbol']}: params {v['params']} are not (x[N,C,H,W], [counters], bias[K], y)")
             if not (bench_dir / v["so"]).exists():
                 problems.append(f"{v['symbol']}: {v['so']} missing")
                 continue
@@ -1400,7 +1404,8 @@ def measure_worker(args) -> int:
                 xin = gpu.first_input(x, v["first_input"])
             if list(xin.shape) != v["first_input"]["shape"]:
                 raise RuntimeError(f"first input {list(xin.shape)} != manifest {v['first_input']['shape']}")
-            arrays = [torch.from_numpy(np.ascontiguousarray(z[a["key"]])).cuda() for a in v["arrays"]]
+            arrays = [torch.zeros(a["shape"], dtype=torch.int32, device="cuda") if a.get("zeros")  # sm_affine counters
+                      else torch.from_numpy(np.ascontiguousarray(z[a["key"]])).cuda() for a in v["arrays"]]
             y = torch.full(y_shape, float("nan"), device="cuda")
             targs = [gpu.t(t) for t in (xin, *arrays, bias, y)]
             return fn, xin, arrays, y, targs

@@ -34,6 +34,8 @@ SIGNATURE_CASES = [
      Epilogue(relu=True, residual=True), {}),
     ("5x3_s2_asym_groups2_residual", ConvSpec(N=1, C=4, H=11, W=9, K=4, KH=5, KW=3, stride=(2, 2),
                                               pad=(1, 0, 2, 1), groups=2), 0.6, Epilogue(residual=True), {}),
+    ("3x3_sm_affine", ConvSpec(N=2, C=8, H=9, W=10, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
+     Epilogue(relu=True), {"sm_affine": True}),
 ]
 
 
@@ -64,8 +66,10 @@ def test_specialized_device_code_reads_no_index_array(cuda_target, rng, tmp_path
     weight = SparseConvWeight.from_dense(w, spec.groups)
     knobs = RULE.default_knobs(spec, weight).with_(**change)
     plan = RULE.apply(spec, weight, epilogue, knobs)
-    assert plan.weight_arrays == () and plan.padded_input is False
-    want = ["x", "bias"] + (["residual"] if epilogue.residual else []) + ["y"]
+    # sm_affine's only array: the work-queue counters, zero (they are not an index structure: see below)
+    assert all(a.dtype == np.int32 and not a.any() for a in plan.weight_arrays) and plan.padded_input is False
+    assert len(plan.weight_arrays) == int(knobs.sm_affine)
+    want = ["x"] + (["work"] if knobs.sm_affine else []) + ["bias"] + (["residual"] if epilogue.residual else []) + ["y"]
     assert [p.name for p in plan.func.params] == want
     sym = f"spec_{name}"
     with cuda_target:
@@ -75,9 +79,15 @@ def test_specialized_device_code_reads_no_index_array(cuda_target, rng, tmp_path
     assert kernel in re.findall(GLOBAL_FN, source)
     params = _entry_params(source, kernel)
     assert len(params) == len(want), params
-    assert all(re.fullmatch(r"float\*\s+__restrict__\s+\w+", p) for p in params), params
-    assert not re.search(r"\b(?:u?int(?:8|16|32|64)?_t|int|unsigned|long)\s*\*", source), \
+    floats = [p for p in params if p != "int* __restrict__ work_ptr"]
+    assert len(floats) == len(want) - int(knobs.sm_affine), params
+    assert all(re.fullmatch(r"float\*\s+__restrict__\s+\w+", p) for p in floats), params
+    body = re.sub(r"int\* __restrict__ work_ptr", "", source)
+    assert not re.search(r"\b(?:u?int(?:8|16|32|64)?_t|int|unsigned|long)\s*\*", body), \
         "the device code declares an integer pointer"
+    # the counters are only taken (atomicAdd) and reset inside the work-queue macros, never indexed by the FMAs
+    uses = [ln.strip() for ln in source.splitlines() if "work_ptr" in ln and "__global__" not in ln]
+    assert all(re.match(r"escort_(?:take|finish)_\d+_\d+\(", u) for u in uses), uses
     ptx = _ptx(source, tmp_path)
     entry = re.search(r"\.entry\s+" + kernel + r"\s*\((.*?)\)", ptx, re.S)
     assert entry and entry.group(1).count(".param") == len(want), entry.group(1) if entry else ptx[:2000]
