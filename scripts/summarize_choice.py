@@ -64,24 +64,25 @@ def main() -> int:
     for (layer, n), rs in runs.items():
         spec = ConvSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in rs[-1]["spec"].items()})
 
-        specialised = SpecializedCUDA().pays(spec, SimpleNamespace(nnz=rs[-1]["nnz"])) is None  # it reads nnz only
-        knobs = (SpecializedCUDA() if specialised else SparseConvCUDA()).default_knobs(spec, None)
+        weight = SimpleNamespace(nnz=rs[-1]["nnz"])  # the cost rules and default knobs read nnz only
+        specialised = SpecializedCUDA().pays(spec, weight) is None
+        knobs = (SpecializedCUDA() if specialised else SparseConvCUDA()).default_knobs(spec, weight)
 
         def chosen(r):
-            """(ms, knobs matched) of the cost rule's kernel in run row ``r`` (CSR: plus the pad op its input
-            layout needs; runs before per-variant pads give the row's), or None where it was not built."""
+            """(ms, knobs matched, pad op ms) of the cost rule's kernel in run row ``r`` (CSR: ms includes the pad
+            op its input layout needs; runs before per-variant pads give the row's), ms None where not built."""
             if specialised:
                 v, now = _current_default((r.get("specialized") or {}).get("variants"), knobs)
-                return (_timed(v) if v else None), now
+                return (_timed(v) if v else None), now, 0.0
             v, now = _current_default(r.get("variants"), knobs)
             ms = _timed(v) if v else None
-            pad = v.get("pad_ms", r.get("pad_ms")) if v else None
-            return (ms + (pad or 0.0) if ms else None), now
+            pad = (v.get("pad_ms", r.get("pad_ms")) if v else None) or 0.0
+            return (ms + pad if ms else None), now, pad
 
         # the last run that measured today's default knobs (its own baselines), else the last run
         picks = [(r, *chosen(r)) for r in rs]
-        r, ms, now = next((p for p in reversed(picks) if p[1] and p[2]), picks[-1])
-        kind = ("specialised" if specialised else "CSR + pad") + ("" if now else " (run's default knobs)")
+        r, ms, now, pad = next((p for p in reversed(picks) if p[1] and p[2]), picks[-1])
+        kind = ("specialised" if specialised else "CSR + pad" if pad else "CSR") + ("" if now else " (run's default knobs)")
         best = min(x for x in (r.get("spec_ms"), r.get("csr_ms")) if x)
         fp32, tf32 = _ms(r["baselines"]["cudnn_fp32"]), _ms(r["baselines"]["cudnn_tf32"])
         for k, v in (("choice", ms), ("best", best), ("fp32", fp32), ("tf32", tf32), ("floor", r["floor_ms"])):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,8 @@ def test_choice_takes_the_variant_with_todays_default_knobs(tmp_path):
 
     row = _row("big_small_image", 1, 60000, 14, 0.010, 0.030, 0.020, 0.005)
     spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in row["spec"].items()})
-    row["variants"][1]["knobs"] = SparseConvCUDA().default_knobs(spec, None).as_dict()  # the 0.020 one
+    weight = SimpleNamespace(nnz=row["nnz"])  # default knobs read nnz only
+    row["variants"][1]["knobs"] = SparseConvCUDA().default_knobs(spec, weight).as_dict()  # the 0.020 one
     f = tmp_path / "bench.json"
     f.write_text(json.dumps({"rows": [row]}))
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize_choice.py"), str(f)],
