@@ -111,11 +111,14 @@ class SparseConvCUDA(SparseConvRule):
                 vw = 2
             if OH <= 7 and tx * ty > 32:
                 ty = max(1, 32 // tx)
-        # Padding on chip at small batch (H200, docs/bench/csr_b1, kernel + its pad op vs kernel with predicated
-        # loads): 3-11% faster on the four padded layers of 59-88k nonzeros (alexnet.conv3-5, resnet50.l3.3x3:
-        # the 7.3 us pad op outweighs the predicates), 46-48% slower on the two of 236k (vgg16.conv5_2,
-        # resnet50.l4.3x3: the predicates cost more than the pad op). The 2^17 boundary lies between the two.
-        pad_on_chip = spec.N < LARGE_BATCH and any(spec.pad) and weight.nnz < 1 << 17
+        # Padding on chip at small batch (H200, batch 1, kernel + its pad op vs kernel with predicated loads,
+        # docs/bench/csr_b1 and sm_b1): 3-11% faster on the four padded 13x13/14x14-output layers of 59-88k
+        # nonzeros (alexnet.conv3-5, resnet50.l3.3x3: the 7.3 us pad op outweighs the predicates); 46-48%
+        # slower on the two of 236k (vgg16.conv5_2, resnet50.l4.3x3) and 8-100% slower on outputs of 27x27 and
+        # more (alexnet.conv2, resnet50.l1.3x3, vgg16.conv1_2-3_2), where the predicates cost more than the pad
+        # op; 15% faster on one 28x28 layer (resnet50.l2.3x3) that the rule leaves out. The 2^17 nonzeros
+        # boundary lies between the measured wins and losses.
+        pad_on_chip = spec.N < LARGE_BATCH and any(spec.pad) and weight.nnz < 1 << 17 and OH * OW <= 14 * 14
         return CUDAKnobs(threads_x=tx, threads_y=ty, pixels_per_thread=vw, images_per_thread=vn,
                          channels_per_block=kb, chunk=1024, pad_on_chip=pad_on_chip)
 
