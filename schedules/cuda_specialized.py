@@ -276,17 +276,19 @@ class SpecializedCUDA(SparseConvRule):
         taller = knobs.with_(threads_y=knobs.threads_y * 2)
         if spec.N < LARGE_BATCH and spec.OH * spec.OW <= 56 * 56 and _fits(spec, taller):
             knobs = taller
-        # SM-affine work queues at batch >= 16 (H200, docs/bench/sm_b32a and sm_b32b, against the default in
+        # SM-affine work queues at batch >= 16 (H200, docs/bench/sm_b32a, against the default in
         # the same run): 20-24% faster on the staged layers with at most 256 work items per group (13x13 and
         # 14x14 outputs: alexnet.conv3-5, resnet50.l3.3x3; 4-5% on the 28x28 ones), whose whole grid fits in
         # one wave so that the hardware's dealing gives every SM blocks of several groups; 6% on vgg16.conv3_2
         # (800 items per group), but 9-28% slower on layers with thousands of items on a few counters
         # (vgg16.conv2_2, resnet50.l1.3x3: the atomics queue up) and 8-11% slower on two unstaged 1x1 layers;
-        # alexnet.conv2 (5x5, 224 items) +2%, which the rule takes anyway.
+        # alexnet.conv2 (5x5, 224 items) +2%, which the rule takes anyway. Not on layers of 2^17 nonzeros or
+        # more: there ptxas takes far longer on it (vgg16.conv4_2 at batch 32: 497 s against 270 s; resnet50.l4.3x3
+        # and vgg16.conv5_2 were still in ptxas after 15 minutes and were stopped, unmeasured).
         geo = _Geometry.of(spec, knobs)
         items = geo.tiles * -(-spec.N // (knobs.images_per_block * geo.images))
         if (spec.N >= LARGE_BATCH and knobs.stage_input and not geo.flat and items <= 256
-                and -(-spec.K // knobs.channels_per_thread) <= 32):
+                and -(-spec.K // knobs.channels_per_thread) <= 32 and weight.nnz < 1 << 17):
             knobs = knobs.with_(sm_affine=True)
         return knobs
 
