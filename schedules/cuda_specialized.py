@@ -163,6 +163,10 @@ class _Geometry:
         """Blocks per (image, group)."""
         return self.tiles_x * -(-self.OH // self.block_rows)
 
+    def blocks_per_group(self, N: int, images_per_block: int) -> int:
+        """Blocks (work items) of one channel group over a batch of ``N``."""
+        return self.tiles * -(-N // (images_per_block * self.images))
+
     def halo(self, spec: ConvSpec) -> tuple[int, int]:
         """Rows and columns of the input tile a block stages."""
         (sh, sw), (dh, dw) = spec.stride, spec.dilation
@@ -286,7 +290,7 @@ class SpecializedCUDA(SparseConvRule):
         # more: there ptxas takes far longer on it (vgg16.conv4_2 at batch 32: 497 s against 270 s; resnet50.l4.3x3
         # and vgg16.conv5_2 were still in ptxas after 15 minutes and were stopped, unmeasured).
         geo = _Geometry.of(spec, knobs)
-        items = geo.tiles * -(-spec.N // (knobs.images_per_block * geo.images))
+        items = geo.blocks_per_group(spec.N, knobs.images_per_block)
         if (spec.N >= LARGE_BATCH and knobs.stage_input and not geo.flat and items <= 256
                 and -(-spec.K // knobs.channels_per_thread) <= 32 and weight.nnz < 1 << 17):
             knobs = knobs.with_(sm_affine=True)
@@ -423,7 +427,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
         def taps_of(gi: int) -> tuple:
             lo, hi = chunk_range[gi]
             return tuple(t for t in part[gi].taps if lo <= t.c // CC < hi)
-        images, items = -(-N // (IB * TI)), -(-N // (IB * TI)) * geo.tiles  # work items per group
+
+        items = geo.blocks_per_group(N, IB)  # work items per group
         tz, ty, tx = T.env_thread("threadIdx.z"), T.env_thread("threadIdx.y"), T.env_thread("threadIdx.x")
         if k.sm_affine:  # one block per work item; which one it takes is decided at run time
             blocks = [(T.env_thread("blockIdx.x"), len(part) * items)]
@@ -434,7 +439,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             if not k.group_major:
                 grp, img = img, grp
             tile = T.env_thread("blockIdx.x")
-            blocks = [(img, images), (grp, len(part)), (tile, geo.tiles)]
+            blocks = [(img, items // geo.tiles), (grp, len(part)), (tile, geo.tiles)]
         with contextlib.ExitStack() as launch:
             for var, extent in blocks + ([(tz, KS * IB)] if KS * IB > 1 else []) + [(ty, TY), (tx, TX)]:
                 launch.enter_context(T.launch_thread(var, extent))
@@ -664,8 +669,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             x = T.arg("x", T.buffer((N, C, H, W), "float32"))
             warps_per_block = -(-NT * KS * IB // 32)
-            blocks_per_group = geo.tiles * -(-N // (IB * geo.images))
-            min_groups = max(1, -(-fill_warps // (blocks_per_group * warps_per_block)))
+            min_groups = max(1, -(-fill_warps // (geo.blocks_per_group(N, IB) * warps_per_block)))
             parts = kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS, min_groups)
             launches = [(part, piece) for part in parts for piece in range(k.input_parts)]  # in this order
             if k.sm_affine:  # each launch's work counters, one after the other
