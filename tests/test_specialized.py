@@ -6,6 +6,8 @@ in tests/test_specialized_cuda.py and run on the GPU by scripts/gpu_check.py.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -208,3 +210,28 @@ def test_auto_keeps_a_large_output_layer_dense_below_the_csr_crossover(rng):
     assert plan.rule == "cuda.register_tiled"  # no batch-1 sweep: the rule does not apply there
     forced, _ = KernelChooser(rules_for(target), kernel="sparse").plan(spec, below, Epilogue())
     assert forced.rule == "cuda.register_tiled"  # the rule only steers "auto"
+
+
+def test_cuda_build_passes_the_work_counters_of_an_sm_affine_conv(rng):
+    """At batch >= 16 a small-image staged layer defaults to sm_affine; the graph pass hands its kernel the
+    zeroed int32 counters as a constant, and the whole model compiles for the GPU."""
+    from onnx import helper
+
+    from _helpers import GLOBAL_FN, cuda_source
+
+    w = pruned(rng, (32, 16, 3, 3), 0.9)
+    model = onnx_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                       [("x", [16, 16, 8, 8])], [("y", [16, 32, 8, 8])], {"w": w})
+    mod, params = escort_tvm.from_onnx(model)
+    built = escort_tvm.build(mod, params, {"kind": "cuda", "arch": "sm_90"})
+    (r,) = built.report
+    assert r.kernel == "specialized" and "'sm_affine': True" in r.schedule, r.schedule
+    source = cuda_source(built.executable)
+    assert "escort_sparse_conv0_kernel" in set(re.findall(GLOBAL_FN, source))
+    assert "atomicAdd" in source and "%%smid" in source
+    # the kernel takes (x, counters, bias, y): call_tir would not have built with a missing argument
+    spec = ConvSpec(N=16, C=16, H=8, W=8, K=32, KH=3, KW=3, pad=(1, 1, 1, 1))
+    plan = SpecializedCUDA().apply(spec, SparseConvWeight.from_dense(w), Epilogue())
+    assert [p.name for p in plan.func.params] == ["x", "work", "bias", "y"]
+    (counters,) = plan.weight_arrays
+    assert counters.dtype == np.int32 and counters.size >= 2 and not counters.any()
