@@ -286,14 +286,20 @@ class SpecializedCUDA(SparseConvRule):
         # one wave so that the hardware's dealing gives every SM blocks of several groups; 6% on vgg16.conv3_2
         # (800 items per group), but 9-28% slower on layers with thousands of items on a few counters
         # (vgg16.conv2_2, resnet50.l1.3x3: the atomics queue up) and 8-11% slower on two unstaged 1x1 layers;
-        # alexnet.conv2 (5x5, 224 items) +2%, which the rule takes anyway. Not on layers of 2^17 nonzeros or
-        # more: there ptxas takes far longer on it (vgg16.conv4_2 at batch 32: 497 s against 270 s; resnet50.l4.3x3
-        # and vgg16.conv5_2 were still in ptxas after 15 minutes and were stopped, unmeasured).
+        # alexnet.conv2 (5x5, 224 items) +2%, which the rule takes anyway. On layers of 2^17 nonzeros or more
+        # ptxas takes far longer on it as one kernel (vgg16.conv4_2 at batch 32: 497 s against 270 s;
+        # resnet50.l4.3x3 and vgg16.conv5_2 were still in ptxas after 15 minutes and were stopped), so there it
+        # comes with the input cut into 4 launches (input_parts), which also bounds ptxas (vgg16.conv5_2: 290 s
+        # against 1045 s for the default): 12% faster on vgg16.conv5_2 and 7% on resnet50.l4.3x3 (64 and 32
+        # items per group; docs/bench/smip_b32), 12% slower on vgg16.conv4_2 (224 items), so up to 64 items.
         geo = _Geometry.of(spec, knobs)
         items = geo.blocks_per_group(spec.N, knobs.images_per_block)
         if (spec.N >= LARGE_BATCH and knobs.stage_input and not geo.flat and items <= 256
-                and -(-spec.K // knobs.channels_per_thread) <= 32 and weight.nnz < 1 << 17):
-            knobs = knobs.with_(sm_affine=True)
+                and -(-spec.K // knobs.channels_per_thread) <= 32):
+            if weight.nnz < 1 << 17:
+                knobs = knobs.with_(sm_affine=True)
+            elif items <= 64 and spec.Cg >= 4 * knobs.channel_chunk:
+                knobs = knobs.with_(sm_affine=True, input_parts=4)
         return knobs
 
     def apply(self, spec, weight, epilogue: Epilogue, knobs=None) -> KernelPlan:
