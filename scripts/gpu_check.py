@@ -250,7 +250,7 @@ def prepare(d: Path, variants: int, parts: set[str] = frozenset({"models", "csr"
         manifest["spec_kernels"] = prepare_specialized(d, np.random.default_rng(2027))
         n = sum("skipped" not in e for e in manifest["spec_kernels"])
         print(f"prepared {n} specialised kernels over {len(SPEC_CASES)} cases in {time.time() - t0:.1f} s", flush=True)
-    for batch in ((1, 4) if "models" in parts else ()):
+    for batch in ((1, 4, 16) if "models" in parts else ()):  # 16: large-batch defaults (sm_affine)
         model = small_pruned_cnn(batch=batch, sparsity=0.9, seed=batch)
         mod, params = escort_tvm.from_onnx(model)
         cm = escort_tvm.build(mod, params, "cuda")
@@ -260,7 +260,8 @@ def prepare(d: Path, variants: int, parts: set[str] = frozenset({"models", "csr"
         ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
         np.savez(d / f"small_cnn_b{batch}.npz", x=x, ref=ref)
         manifest["models"].append({"so": so.name, "data": f"small_cnn_b{batch}.npz",
-                                   "sparse_convs": sum(r.kernel == "sparse" for r in cm.report)})
+                                   "sparse_convs": sum(r.kernel == "sparse" for r in cm.report),
+                                   "specialized_convs": sum(r.kernel == "specialized" for r in cm.report)})
     rule = SparseConvCUDA()
     funcs = {}
     for (name, N, C, H, W, K, KH, KW, st, pad, dil, g, sp, relu) in (CASES if "csr" in parts else ()):
@@ -314,13 +315,16 @@ def run(d: Path, out: Path | None) -> int:
     for m in manifest["models"]:
         model = escort_tvm.load(d / m["so"])
         data = np.load(d / m["data"])
-        y = model(data["x"])
-        e = rel(y, data["ref"])
-        good = bool(np.isfinite(y).all() and e < 1e-4)
+        e, good = 0.0, True
+        for _ in range(2):  # twice: kernels with work counters (sm_affine) must leave them as they found them
+            y = model(data["x"])
+            e = max(e, rel(y, data["ref"]))
+            good &= bool(np.isfinite(y).all() and e < 1e-4)
         ok &= good
-        rows.append({"what": m["so"], "rel_err": e, "ok": good, "sparse_convs": m["sparse_convs"]})
-        print(f"model {m['so']:24s} sparse convs {m['sparse_convs']}  rel err vs onnxruntime {e:.2e}  "
-              f"{'PASS' if good else 'FAIL'}")
+        rows.append({"what": m["so"], "rel_err": e, "ok": good, "sparse_convs": m["sparse_convs"],
+                     "specialized_convs": m.get("specialized_convs")})
+        print(f"model {m['so']:24s} CSR convs {m['sparse_convs']}, specialised {m.get('specialized_convs')}  "
+              f"rel err vs onnxruntime (2 runs) {e:.2e}  {'PASS' if good else 'FAIL'}")
     load_cuda_runtime(allow_stub=False)
     dev = tvm.cuda(0)
     lib = tvm.runtime.load_module(str(d / "kernels.so")) if manifest["kernels"] else None
