@@ -351,7 +351,7 @@ class _Rewriter(relax.PyExprMutator):
         x = self.visit_expr(site.data)
         pt, pl = spec.pad[0], spec.pad[1]
         if plan.padded_input:
-            if (plan.hp, plan.wp) != (spec.H, spec.W) or plan.extra_images:
+            if plan.needs_pad_op:
                 x = bb.emit(relax.op.nn.pad(x, [0, plan.extra_images, 0, 0, pt, plan.hp - spec.H - pt,
                                                 pl, plan.wp - spec.W - pl]))
             x = bb.emit(relax.op.reshape(x, (spec.N + plan.extra_images, spec.C * plan.hp * plan.wp)))

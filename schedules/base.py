@@ -74,6 +74,11 @@ class KernelPlan:
     # Zero images appended to the batch so a thread's images per block tile the batch exactly.
     extra_images: int = 0
 
+    @property
+    def needs_pad_op(self) -> bool:
+        """Whether the graph must pad the input before the kernel (else a reshape, or nothing, hands it over)."""
+        return self.padded_input and ((self.hp, self.wp) != (self.spec.H, self.spec.W) or bool(self.extra_images))
+
     def prepare_input(self, x: np.ndarray) -> np.ndarray:
         """The kernel's first argument for an NCHW input (what the graph pass emits)."""
         from escort_tvm.compute import padded_input

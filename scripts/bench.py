@@ -263,7 +263,7 @@ def probe_first_input(plan, spec, cache: dict) -> dict:
         return cache[key]
     x = np.arange(int(np.prod(spec.input_shape)), dtype=np.float32).reshape(spec.input_shape) + 1.0
     got = np.asarray(plan.prepare_input(x))
-    if plan.padded_input and ((plan.hp, plan.wp) != (spec.H, spec.W) or plan.extra_images):
+    if plan.needs_pad_op:
         layout = {"padded": True, "rows": int(got.shape[0]) if got.ndim == 2 else -1, "hp": int(plan.hp),
                   "wp": int(plan.wp), "top": int(spec.pad[0]), "left": int(spec.pad[1])}
         layout["shape"] = [layout["rows"], spec.C * plan.hp * plan.wp]

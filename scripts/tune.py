@@ -371,8 +371,7 @@ def describe_first_input(plan, spec) -> dict:
         return dict(_LAYOUTS[key])
     x = (np.arange(int(np.prod(spec.input_shape)), dtype=np.float32) % 251 + 1.0).reshape(spec.input_shape)
     got = np.asarray(plan.prepare_input(x))
-    plain = (plan.hp, plan.wp) == (spec.H, spec.W) and not getattr(plan, "extra_images", 0)
-    if getattr(plan, "padded_input", True) and plain:  # the kernel needs no border or makes its own: a view
+    if getattr(plan, "padded_input", True) and not plan.needs_pad_op:  # no border needed, or made on chip: a view
         layout = {"padded": False, "shape": [spec.N, spec.C * spec.H * spec.W]}
         ok = True
     elif getattr(plan, "padded_input", True):
