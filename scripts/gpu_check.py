@@ -84,10 +84,15 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("rows_4", "rows_per_thread", lambda v: 4), ("order_flip", "group_major", lambda v: not v),
                 ("cpt_16", "channels_per_thread", lambda v: 16), ("chunk_4", "channel_chunk", lambda v: 4),
                 ("tx_32", "threads_x", lambda v: 32), ("split_4", "channel_split", lambda v: 4),
-                ("split_2", "channel_split", lambda v: 2), ("tb_2", "tiles_per_block", lambda v: 2),
-                ("tb_4", "tiles_per_block", lambda v: 4), ("ip_2", "input_parts", lambda v: 2),
-                ("ip_4", "input_parts", lambda v: 4), ("ip_2_chunk_4", "input_parts", lambda v: 2),
-                ("sm_affine_split_2", "sm_affine", lambda v: True))
+                ("split_2", "channel_split", lambda v: 2),
+                # tiles per block need staging (1x1 flat defaults to unstaged)
+                ("tb_2", "tiles_per_block", lambda v: 2, {"stage_input": True}),
+                ("tb_4", "tiles_per_block", lambda v: 4, {"stage_input": True}),
+                ("ip_2", "input_parts", lambda v: 2), ("ip_4", "input_parts", lambda v: 4),
+                # input pieces of conv groups of 8 channels (groups2) need chunks of 4
+                ("ip_2_chunk_4", "input_parts", lambda v: 2, {"channel_chunk": 4}),
+                # work items with slices, as the large layers run them (refused where unstaged)
+                ("sm_affine_split_2", "sm_affine", lambda v: True, {"channel_split": 2}))
 SPEC_BASIC_CHANGES = 6
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels")
 
@@ -112,20 +117,15 @@ def _spec_weight(rng, spec, kind):
 
 
 def _spec_variants(rule, spec, weight, all_changes: bool):
-    """(name, knobs, reason): the default and the SPEC_CHANGES changes of it (all, or the first few)."""
+    """(name, knobs, reason): the default and the SPEC_CHANGES changes of it (all, or the first few); a change's
+    optional fourth element sets the other knobs it needs."""
     from schedules import SpecializedKnobs
 
     d = rule.default_knobs(spec, weight)
     out, seen = [("default", d, None)], {d}
-    for name, field, change in SPEC_CHANGES if all_changes else SPEC_CHANGES[:SPEC_BASIC_CHANGES]:
+    for name, field, change, *extra in SPEC_CHANGES if all_changes else SPEC_CHANGES[:SPEC_BASIC_CHANGES]:
         v = change(getattr(d, field))
-        k = d.with_(**{field: v})
-        if field == "tiles_per_block" and not k.stage_input:  # (1x1 flat defaults to unstaged; TB needs staging)
-            k = k.with_(stage_input=True)
-        if name.endswith("_chunk_4"):  # input pieces of conv groups of 8 channels (groups2) need chunks of 4
-            k = k.with_(channel_chunk=4)
-        if name.endswith("_split_2") and k.stage_input:  # work items with slices, as the large layers run them
-            k = k.with_(channel_split=2)
+        k = d.with_(**{field: v}, **(extra[0] if extra else {}))
         if v not in SpecializedKnobs.SPACE[field]:
             out.append((name, None, f"{field}={v} outside the knob space"))
         elif k in seen:
