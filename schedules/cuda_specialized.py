@@ -42,6 +42,9 @@ KERNEL_NONZEROS = 16384
 # bench layer uncapped and only bounds batch-1 builds, which the cost rule keeps on CSR above 32768 anyway.
 PART_GROWTH = 16
 MAX_NONZEROS = 262144
+# image_tile by default only on outputs of up to this many threads (8 warps: 13x13, 14x14); larger whole-image
+# blocks (27x27: 23 warps) are a tuning knob, unmeasured as a default.
+IMAGE_TILE_MAX_THREADS = 256
 # Where the specialised kernel pays (H200, docs/benchmarks.md): at batch 32 it beat the CSR kernel on
 # all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros. Larger layers at batch
 # 1, since the grid runs one group's blocks together (bench/b1_big, b1_final_conv*): where an image has
@@ -78,6 +81,13 @@ class SpecializedKnobs(Knobs):
     # Blocks take their work from their SM's home group (schedules.work_queue), so the blocks resident on one
     # SM run one group's code; needs a zeroed int32 array of counters (the plan's one weight array).
     sm_affine: bool = False
+    # Flat mode (1x1 stride-1 unpadded): the row of pixels runs on across the batch instead of one tile row per
+    # image, so a 7x7 output (49 pixels) does not leave 79 of a 128-thread tile idle.
+    span_images: bool = False
+    # Staged mode: a block covers one whole image with one thread per output pixel, numbered along its rows
+    # (threads_x/threads_y ignored), so an output narrower than a 2-D tile leaves no idle columns (13x13 in
+    # 16x8 tiles: 66% of the threads busy; 169 threads in 192: 88%).
+    image_tile: bool = False
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32),
         "threads_x": (8, 16, 32, 64, 128),
@@ -92,6 +102,8 @@ class SpecializedKnobs(Knobs):
         "tiles_per_block": (1, 2, 4),
         "input_parts": (1, 2, 4, 8),
         "sm_affine": (False, True),
+        "span_images": (False, True),
+        "image_tile": (False, True),
     }
 
     def validate(self) -> None:
@@ -112,6 +124,12 @@ class SpecializedKnobs(Knobs):
         if self.tiles_per_block > 1 and self.channel_split * self.images_per_block > 1:
             raise ValueError("tiles_per_block > 1 needs channel_split == images_per_block == 1 (their shared "
                              "memory holds the parked accumulators)")
+        if self.span_images and (self.stage_input or self.images_per_block > 1):
+            raise ValueError("span_images needs stage_input=False and images_per_block == 1 (the pixel row, not "
+                             "the grid, runs over the images)")
+        if self.image_tile and (self.rows_per_thread > 1 or self.tiles_per_block > 1):
+            raise ValueError("image_tile needs rows_per_thread == tiles_per_block == 1 (one thread per pixel of "
+                             "one image)")
 
 
 @dataclass(frozen=True)
@@ -127,13 +145,23 @@ class _Geometry:
     # Thread tiles per block, run in turn: stacked down the rows (flat mode: along the row) where the image
     # has that many, else one per image (small images: 7x7 to 14x14 outputs)
     TB: int = 1
+    row_images: int = 1  # flat mode: images along the pixel row (N with span_images)
+    linear: bool = False  # image_tile: threads numbered along the image's rows, TX = all of them, TY = 1
 
     @classmethod
     def of(cls, spec: ConvSpec, k: SpecializedKnobs) -> "_Geometry":
         flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
         if flat:
-            return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, 1, k.tiles_per_block)
+            return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, 1, k.tiles_per_block,
+                       row_images=spec.N if k.span_images else 1)
+        if k.image_tile:
+            return cls(False, spec.OH, spec.OW, -(-spec.OH * spec.OW // 32) * 32, 1, linear=True)
         return cls(False, spec.OH, spec.OW, k.threads_x, k.threads_y, k.rows_per_thread, k.tiles_per_block)
+
+    @property
+    def NT(self) -> int:
+        """Threads of one tile."""
+        return self.TX * self.TY
 
     @property
     def stack_images(self) -> bool:
@@ -148,15 +176,19 @@ class _Geometry:
 
     @property
     def block_rows(self) -> int:
+        if self.linear:
+            return self.OH
         return self.TY * self.PY * (1 if self.flat or self.stack_images else self.TB)
 
     @property
     def block_cols(self) -> int:
+        if self.linear:
+            return self.OW
         return self.TX * (self.TB if self.flat and not self.stack_images else 1)
 
     @property
     def tiles_x(self) -> int:
-        return -(-self.OW // self.block_cols)
+        return -(-self.OW * self.row_images // self.block_cols)
 
     @property
     def tiles(self) -> int:
@@ -165,7 +197,7 @@ class _Geometry:
 
     def blocks_per_group(self, N: int, images_per_block: int) -> int:
         """Blocks (work items) of one channel group over a batch of ``N``."""
-        return self.tiles * -(-N // (images_per_block * self.images))
+        return self.tiles * -(-N // (images_per_block * self.images * self.row_images))
 
     def halo(self, spec: ConvSpec) -> tuple[int, int]:
         """Rows and columns of the input tile a block stages."""
@@ -178,7 +210,7 @@ def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     """Shared memory floats of one staged chunk (each thread owns whole slots, so it is rounded up)."""
     geo = _Geometry.of(spec, k)
     rows, cols = geo.halo(spec)
-    nt = k.threads_x * k.threads_y
+    nt = geo.NT
     return min(k.channel_chunk, spec.C) * -(-rows * cols // nt) * nt
 
 
@@ -190,14 +222,14 @@ def staging_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     staged = depth * staged_floats(spec, k)
     if k.channel_split == 1:
         return staged
-    return max(staged, depth * min(k.channels_per_thread, spec.K) * k.rows_per_thread * k.threads_x * k.threads_y)
+    return max(staged, depth * min(k.channels_per_thread, spec.K) * k.rows_per_thread * _Geometry.of(spec, k).NT)
 
 
 def parked_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     """Accumulators parked in shared memory while a block's other tiles run (tiles_per_block > 1)."""
     if k.tiles_per_block == 1:
         return 0
-    return k.tiles_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread * k.threads_x * k.threads_y
+    return k.tiles_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread * _Geometry.of(spec, k).NT
 
 
 def shared_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
@@ -205,13 +237,33 @@ def shared_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     return staging_floats(spec, k) + parked_floats(spec, k)
 
 
+def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
+    """Refuse (ValueError, naming the reason) knobs that are valid on their own but not for this conv."""
+    geo = _Geometry.of(spec, k)
+    if k.rows_per_thread > 1 and geo.flat:
+        raise ValueError("rows_per_thread > 1 does not apply to a 1x1 stride-1 unpadded conv (flat mode)")
+    if k.span_images and not geo.flat:
+        raise ValueError("span_images applies only to a 1x1 stride-1 unpadded conv (flat mode)")
+    if k.image_tile:
+        if geo.flat:
+            raise ValueError("image_tile does not apply to a 1x1 stride-1 unpadded conv (flat mode)")
+        threads = geo.NT * k.channel_split * k.images_per_block
+        if threads > 1024:
+            raise ValueError(f"image_tile on {spec.OH}x{spec.OW} outputs needs {threads} threads per block "
+                             "(channel_split and images_per_block included; limit 1024)")
+    if k.stage_input and shared_floats(spec, k) * 4 > SHARED_LIMIT:
+        raise ValueError(f"{k} stages {shared_floats(spec, k) * 4} bytes of shared memory "
+                         f"(limit {SHARED_LIMIT}) for {spec.describe()}")
+
+
 def _fits(spec: ConvSpec, k: SpecializedKnobs) -> bool:
     """Whether ``k`` is in the knob space and its block within the thread and shared-memory limits."""
     try:
         k.validate()
+        check_shape(spec, k)
     except ValueError:
         return False
-    return shared_floats(spec, k) * 4 <= SHARED_LIMIT
+    return True
 
 
 class SpecializedCUDA(SparseConvRule):
@@ -243,21 +295,31 @@ class SpecializedCUDA(SparseConvRule):
             ty = max(1, min(128 // tx, 1 << max(0, (spec.OH - 1).bit_length())))
             while tx * ty < 32:
                 ty *= 2
+        reuse = spec.KH * spec.KW > 1 or spec.stride != (1, 1)
+        # Busy threads: a 1x1 flat row runs on across the batch (a 7x7 output is 49 pixels of a 128-thread
+        # row), and at large batch a small staged output takes one thread per pixel of the whole image where
+        # 2-D tiles would leave columns and rows idle (13x13: 169 of 192 threads busy instead of 169 of 256).
+        # At small batch the 2-D tiles stay: their 128-thread blocks split the chunk loop 4 ways and keep more
+        # channels per thread on a grid of a few blocks.
+        image_threads = -(-spec.OH * spec.OW // 32) * 32
+        tiled_threads = -(-spec.OH // ty) * ty * -(-spec.OW // tx) * tx
+        image_tile = (reuse and spec.N >= LARGE_BATCH and image_threads <= IMAGE_TILE_MAX_THREADS
+                      and image_threads < tiled_threads)
+        base = SpecializedKnobs(threads_x=tx, threads_y=ty, stage_input=reuse, span_images=flat and not reuse,
+                                image_tile=image_tile)
         # Enough warps to fill the GPU (132 SMs x 16), with as many channels per thread as that allows; a
         # staged kernel may split its chunk loop across channel_split slices of the block to get there
         # (batch 1: few pixels, long reductions), keeping at least 4 chunks per slice.
-        geo = _Geometry.of(spec, SpecializedKnobs(threads_x=tx, threads_y=ty))
-        reuse = spec.KH * spec.KW > 1 or spec.stride != (1, 1)
+        geo = _Geometry.of(spec, base)
         chunks = -(-spec.Cg // 8)
-        splits = [ks for ks in (1, 2, 4, 8) if ks == 1 or (reuse and chunks >= 4 * ks and tx * ty * ks <= 512)]
+        splits = [ks for ks in (1, 2, 4, 8) if ks == 1 or (reuse and chunks >= 4 * ks and geo.NT * ks <= 512)]
         kg, ks = 1, max(splits)
         for cand in (32, 16, 8, 4, 2):
-            warps = [geo.tiles * spec.N * -(-spec.K // cand) * (tx * ty * s // 32) for s in splits]
+            warps = [geo.blocks_per_group(spec.N, 1) * -(-spec.K // cand) * (geo.NT * s // 32) for s in splits]
             if any(w >= WARPS_TO_FILL for w in warps):
                 kg, ks = cand, next(s for s, w in zip(splits, warps) if w >= WARPS_TO_FILL)
                 break
-        knobs = SpecializedKnobs(channels_per_thread=kg, threads_x=tx, threads_y=ty, stage_input=reuse,
-                                 channel_chunk=8, channel_split=ks)
+        knobs = base.with_(channels_per_thread=kg, channel_chunk=8, channel_split=ks)
         while knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
             knobs = knobs.with_(channel_chunk=knobs.channel_chunk // 2)
         while shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_split > 1:
@@ -278,7 +340,7 @@ class SpecializedCUDA(SparseConvRule):
         # docs/bench/ip_b1 and sm_b1, two runs each): 6-9% faster on alexnet.conv2, 5-11% on resnet50.l3.1x1out,
         # 1-9% on l1.1x1in, 1-3% on l1.3x3; on 224x224 outputs (vgg16.conv1_2) 1-4% slower, so not there.
         taller = knobs.with_(threads_y=knobs.threads_y * 2)
-        if spec.N < LARGE_BATCH and spec.OH * spec.OW <= 56 * 56 and _fits(spec, taller):
+        if spec.N < LARGE_BATCH and spec.OH * spec.OW <= 56 * 56 and not image_tile and _fits(spec, taller):
             knobs = taller
         # SM-affine work queues at batch >= 16 (H200, docs/bench/sm_b32a, against the default in
         # the same run): 20-24% faster on the staged layers with at most 256 work items per group (13x13 and
@@ -308,11 +370,7 @@ class SpecializedCUDA(SparseConvRule):
                              "(code size and compile time grow with every nonzero)")
         knobs = knobs or self.default_knobs(spec, weight)
         knobs.validate()
-        if knobs.rows_per_thread > 1 and _Geometry.of(spec, knobs).flat:
-            raise ValueError("rows_per_thread > 1 does not apply to a 1x1 stride-1 unpadded conv (flat mode)")
-        if knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT:
-            raise ValueError(f"{knobs} stages {shared_floats(spec, knobs) * 4} bytes of shared memory "
-                             f"(limit {SHARED_LIMIT}) for {spec.describe()}")
+        check_shape(spec, knobs)
         chunks = -(-spec.Cg // min(knobs.channel_chunk, spec.C))
         if knobs.input_parts > chunks:
             raise ValueError(f"input_parts={knobs.input_parts} exceeds the {chunks} channel chunks of a conv group "
@@ -392,7 +450,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     pt, pl = spec.pad[0], spec.pad[1]
     geo = _Geometry.of(spec, k)
     HE, WE = (1, HW) if geo.flat else (H, W)  # the input as the kernel indexes it
-    TX, TY, NT, PY = geo.TX, geo.TY, geo.TX * geo.TY, geo.PY
+    TX, TY, NT, PY = geo.TX, geo.TY, geo.NT, geo.PY
     CC = min(k.channel_chunk, C)
     SR, SC = geo.halo(spec)
     NS = -(-SR * SC // NT)  # staging slots per thread
@@ -464,17 +522,23 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             sub = (tz // KS if KS > 1 else tz) if IB > 1 else i32(0)
             n = img * IB + sub
 
+            tile_r, tile_c = tile // geo.tiles_x, tile % geo.tiles_x
+            tid = ty * TX + tx
+            if geo.row_images > 1:  # span_images: pixel g of the flat row is pixel g % OW of image g // OW
+                g_row = tile_c * TX + tx
+                g_in = T.min(g_row, N * geo.OW - 1)  # threads past the batch's end read in bounds
+
             def image(t):
                 """Tile ``t``'s image: (index, stored?, index to load). An image past N (in the last block)
                 loads image N - 1 and stores nothing."""
+                if geo.row_images > 1:
+                    return g_in // geo.OW, g_row < N * geo.OW, g_in // geo.OW
                 n_t = img * TI + t if TI > 1 else n
                 if N % (IB * TI) == 0:
                     return n_t, tvm.tirx.const(True), n_t
                 return n_t, n_t < N, T.min(n_t, N - 1)
 
             nl = image(i32(0))[2]
-            tile_r, tile_c = tile // geo.tiles_x, tile % geo.tiles_x
-            tid = ty * TX + tx
 
             def pixel(t):
                 """This thread's pixels in the block's tile ``t``: rows oh .. oh + PY - 1 of column ow (flat mode:
@@ -482,6 +546,11 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 tr = 1 if TI > 1 else TB  # tiles stacked in the image
                 if TI > 1:
                     t = i32(0)
+                if geo.linear:  # idle threads past the image's last pixel take it as theirs (reads in bounds)
+                    p = T.min(tid, geo.OH * geo.OW - 1)
+                    return p // geo.OW, p % geo.OW
+                if geo.row_images > 1:
+                    return i32(0), g_in % geo.OW
                 if geo.flat:
                     return i32(0), (tile_c * tr + t) * TX + tx
                 return ((tile_r * tr + t) * TY + ty) * PY, tile_c * TX + tx
@@ -647,6 +716,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 g = part[gi]
                 oh_t, ow_t = pixel(t)
                 stored = image(t)[1]
+                if geo.linear:
+                    stored = tvm.tirx.all(stored, tid < geo.OH * geo.OW)
                 for q in range(PY):
                     with T.If(tvm.tirx.all(oh_t + q < geo.OH, ow_t < geo.OW, stored)):
                         with T.Then():

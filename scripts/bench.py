@@ -449,6 +449,7 @@ SPEC_CHANGES = {
     "staged": ("stage_input", lambda v: True),
     "ip_2": ("input_parts", lambda v: 2), "ip_4": ("input_parts", lambda v: 4), "ip_8": ("input_parts", lambda v: 8),
     "sm_affine": ("sm_affine", lambda v: True), "pad_on_chip": ("pad_on_chip", lambda v: True),
+    "image_tile_flip": ("image_tile", lambda v: not v), "span_flip": ("span_images", lambda v: not v),
 }
 DEFAULT_SPEC_CACHE = ROOT / ".gpu" / "spec-cache"
 GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*\("

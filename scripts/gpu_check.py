@@ -69,6 +69,9 @@ SPEC_CASES = [
     ("zero_out_channels", 2, 16, 9, 9, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "zero_rows", True, False),
     ("batch32", 32, 16, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, True),
     ("batch32_1x1_flat", 32, 16, 6, 6, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, False, True),
+    # batch >= 16 on a 13x13 output: the default takes image_tile (and sm_affine); 7x7 flat over a ragged batch
+    ("batch16_13x13", 16, 16, 13, 13, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, True),
+    ("batch17_1x1_7x7", 17, 32, 7, 7, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, True, False),
     ("3x3_nopad", 2, 8, 12, 13, 8, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.8, True, False),
     ("split_kernels", 2, 16, 10, 11, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.8, True, True),
 ]
@@ -86,15 +89,19 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("tx_32", "threads_x", lambda v: 32), ("split_4", "channel_split", lambda v: 4),
                 ("split_2", "channel_split", lambda v: 2),
                 # tiles per block need staging (1x1 flat defaults to unstaged)
-                ("tb_2", "tiles_per_block", lambda v: 2, {"stage_input": True}),
-                ("tb_4", "tiles_per_block", lambda v: 4, {"stage_input": True}),
+                ("tb_2", "tiles_per_block", lambda v: 2, {"stage_input": True, "span_images": False}),
+                ("tb_4", "tiles_per_block", lambda v: 4, {"stage_input": True, "span_images": False}),
                 ("ip_2", "input_parts", lambda v: 2), ("ip_4", "input_parts", lambda v: 4),
                 # input pieces of conv groups of 8 channels (groups2) need chunks of 4
                 ("ip_2_chunk_4", "input_parts", lambda v: 2, {"channel_chunk": 4}),
                 # work items with slices, as the large layers run them (refused where unstaged)
-                ("sm_affine_split_2", "sm_affine", lambda v: True, {"channel_split": 2}))
+                ("sm_affine_split_2", "sm_affine", lambda v: True, {"channel_split": 2}),
+                # one thread per pixel of a whole image (refused where flat or over 1024 threads); the flat row
+                # over the batch, or per image (the flip of whichever the default took)
+                ("image_tile", "image_tile", lambda v: not v), ("span_flip", "span_images", lambda v: not v))
 SPEC_BASIC_CHANGES = 6
-SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels")
+SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels",
+                   "batch16_13x13")
 
 
 def _spec_weight(rng, spec, kind):

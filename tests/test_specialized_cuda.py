@@ -36,6 +36,9 @@ SIGNATURE_CASES = [
                                               pad=(1, 0, 2, 1), groups=2), 0.6, Epilogue(residual=True), {}),
     ("3x3_sm_affine", ConvSpec(N=2, C=8, H=9, W=10, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
      Epilogue(relu=True), {"sm_affine": True}),
+    ("3x3_image_tile_b16", ConvSpec(N=16, C=8, H=13, W=13, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.8,
+     Epilogue(relu=True), {}),
+    ("1x1_span_b17", ConvSpec(N=17, C=16, H=7, W=7, K=8, KH=1, KW=1), 0.7, Epilogue(), {}),
 ]
 
 
@@ -110,7 +113,8 @@ KNOB_CASES = [
 REFUSALS = ("threads_x*threads_y", "shared memory", "channel_split > 1 needs stage_input",
             "rows_per_thread > 1 needs stage_input", "rows_per_thread > 1 does not apply",
             "tiles_per_block > 1 needs stage_input", "tiles_per_block > 1 needs channel_split",
-            "channel chunks of a conv group")
+            "channel chunks of a conv group", "span_images needs", "span_images applies only", "image_tile needs",
+            "image_tile does not apply", "threads per block (channel_split and images_per_block included")
 
 
 def _one_knob_changes(default: SpecializedKnobs):
@@ -211,3 +215,21 @@ def test_kernel_parts_stop_growing_for_compile_time():
     groups = [ChannelGroup(i, 1, tuple(Tap(c, 0, 0, ((0, 1.0),)) for c in range(10))) for i in range(3 * per_part + 1)]
     parts = kernel_parts(groups, 20, min_groups=10**6)  # the groups could never fill the GPU
     assert [len(p) for p in parts] == [per_part] * 3 + [1]  # the short tail cannot join a full part
+
+
+def test_defaults_keep_threads_busy_at_large_batch(rng):
+    """Batch >= 16: a 13x13 output takes one thread per pixel of the image (169 of 192 threads busy, not 169
+    of 256), a 7x7 1x1 conv one flat row over the batch; batch 1 keeps the 2-D tiles it was measured with."""
+    from schedules.cuda_specialized import _Geometry
+
+    def default(spec):
+        return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
+
+    small = default(ConvSpec(N=32, C=64, H=13, W=13, K=64, KH=3, KW=3, pad=(1, 1, 1, 1)))
+    assert small.image_tile and _Geometry.of(ConvSpec(N=32, C=64, H=13, W=13, K=64, KH=3, KW=3,
+                                                      pad=(1, 1, 1, 1)), small).NT == 192
+    assert not default(ConvSpec(N=1, C=64, H=13, W=13, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))).image_tile
+    assert not default(ConvSpec(N=32, C=64, H=7, W=7, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))).image_tile  # 8x8 fits
+    spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
+    flat = default(spec)
+    assert flat.span_images and _Geometry.of(spec, flat).blocks_per_group(32, 1) == -(-32 * 49 // 128)
