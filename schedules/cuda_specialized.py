@@ -215,14 +215,16 @@ def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
 
 
 def staging_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
-    """The staging buffer: a chunk per (image, slice), reused for the slices' partial sums."""
+    """The staging buffer: a chunk per (image, slice), reused for the partial sums of all slices but the one
+    that finishes each accumulator."""
     if not k.stage_input:
         return 0
     depth = k.channel_split * k.images_per_block * _Geometry.of(spec, k).images
     staged = depth * staged_floats(spec, k)
     if k.channel_split == 1:
         return staged
-    return max(staged, depth * min(k.channels_per_thread, spec.K) * k.rows_per_thread * _Geometry.of(spec, k).NT)
+    partials = (k.channel_split - 1) * k.images_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread
+    return max(staged, partials * _Geometry.of(spec, k).NT)
 
 
 def parked_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
@@ -233,8 +235,8 @@ def parked_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
 
 
 def shared_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
-    """Shared memory of a block, in floats."""
-    return staging_floats(spec, k) + parked_floats(spec, k)
+    """Shared memory of a block, in floats (and sm_affine's one int: the work item the block took)."""
+    return staging_floats(spec, k) + parked_floats(spec, k) + int(k.sm_affine)
 
 
 def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
@@ -359,9 +361,12 @@ class SpecializedCUDA(SparseConvRule):
         if (spec.N >= LARGE_BATCH and knobs.stage_input and not geo.flat and items <= 256
                 and -(-spec.K // knobs.channels_per_thread) <= 32):
             if weight.nnz < 1 << 17:
-                knobs = knobs.with_(sm_affine=True)
+                affine = knobs.with_(sm_affine=True)
             elif items <= 64 and spec.Cg >= 4 * knobs.channel_chunk:
-                knobs = knobs.with_(sm_affine=True, input_parts=4)
+                affine = knobs.with_(sm_affine=True, input_parts=4)
+            else:
+                affine = knobs
+            knobs = affine if _fits(spec, affine) else knobs
         return knobs
 
     def apply(self, spec, weight, epilogue: Epilogue, knobs=None) -> KernelPlan:
@@ -557,9 +562,10 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
             oh, ow = pixel(i32(0))
 
-            def partial(slice_, a_i):
-                """Where slice ``slice_`` leaves accumulator ``a_i`` of this thread's image (split reduction)."""
-                return ((sub * KS + slice_) * KG * PY + a_i) * NT + tid
+            def partial(rank, a_i):
+                """Where the ``rank``-th of the slices that do not finish accumulator ``a_i`` leaves it (split
+                reduction; the finishing slice keeps its own share in its register)."""
+                return ((sub * (KS - 1) + rank) * KG * PY + a_i) * NT + tid
 
             acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG * PY)]  # slot j * PY + q
             if TB > 1:
@@ -658,7 +664,10 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     T.evaluate(T.tvm_storage_sync("shared"))
                 if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
                     for a_i, a in enumerate(acc):
-                        T.buffer_store(sm, a[0], [partial(sz, a_i)])
+                        owner = (a_i // PY) % KS
+                        with T.If(sz != owner):
+                            with T.Then():
+                                T.buffer_store(sm, a[0], [partial(T.if_then_else(sz > owner, sz - 1, sz), a_i)])
                     T.evaluate(T.tvm_storage_sync("shared"))
             else:
                 ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
@@ -694,9 +703,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             def total(a_i):
                 if KS == 1:
                     return acc[a_i][0]
-                v = sm[partial(0, a_i)]
-                for s_ in range(1, KS):
-                    v = v + sm[partial(s_, a_i)]
+                v = acc[a_i][0]  # the finishing slice's own share, then the other slices' in rank order
+                for r_ in range(KS - 1):
+                    v = v + sm[partial(r_, a_i)]
                 return v
 
             def store_one(g, j, q, t):

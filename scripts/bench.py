@@ -439,6 +439,7 @@ SPEC_CHANGES = {
     "cpt_x2": ("channels_per_thread", lambda v: v * 2), "cpt_half": ("channels_per_thread", lambda v: v // 2),
     "stage_flip": ("stage_input", lambda v: not v), "prefetch_flip": ("prefetch", lambda v: not v),
     "no_split": ("channel_split", lambda v: 1), "split_x2": ("channel_split", lambda v: v * 2),
+    "split_half": ("channel_split", lambda v: max(1, v // 2)),
     "rows_2": ("rows_per_thread", lambda v: 2), "rows_4": ("rows_per_thread", lambda v: 4),
     "order_flip": ("group_major", lambda v: not v),
     "ib_2": ("images_per_block", lambda v: 2), "ib_4": ("images_per_block", lambda v: 4),
