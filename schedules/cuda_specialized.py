@@ -42,9 +42,6 @@ KERNEL_NONZEROS = 16384
 # bench layer uncapped and only bounds batch-1 builds, which the cost rule keeps on CSR above 32768 anyway.
 PART_GROWTH = 16
 MAX_NONZEROS = 262144
-# image_tile by default only on outputs of up to this many threads (8 warps: 13x13, 14x14); larger whole-image
-# blocks (27x27: 23 warps) are a tuning knob, unmeasured as a default.
-IMAGE_TILE_MAX_THREADS = 256
 # Where the specialised kernel pays (H200, docs/benchmarks.md): at batch 32 it beat the CSR kernel on
 # all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros. Larger layers at batch
 # 1, since the grid runs one group's blocks together (bench/b1_big, b1_final_conv*): where an image has
@@ -288,6 +285,20 @@ class SpecializedCUDA(SparseConvRule):
                 f"{spec.OH}x{spec.OW} outputs runs faster on the CSR kernel (or not enough faster specialised to "
                 f"pay for its compile time)")
 
+    @staticmethod
+    def _fill(spec: ConvSpec, base: SpecializedKnobs, reuse: bool) -> tuple[int, int]:
+        """(channels_per_thread, channel_split): enough warps to fill the GPU (132 SMs x 16), with as many
+        channels per thread as that allows; a staged kernel may split its chunk loop across channel_split
+        slices of the block to get there (batch 1: few pixels, long reductions), keeping 4+ chunks per slice."""
+        geo = _Geometry.of(spec, base)
+        chunks = -(-spec.Cg // 8)
+        splits = [ks for ks in (1, 2, 4, 8) if ks == 1 or (reuse and chunks >= 4 * ks and geo.NT * ks <= 512)]
+        for cand in (32, 16, 8, 4, 2):
+            warps = [geo.blocks_per_group(spec.N, 1) * -(-spec.K // cand) * (geo.NT * s // 32) for s in splits]
+            if any(w >= WARPS_TO_FILL for w in warps):
+                return cand, next(s for s, w in zip(splits, warps) if w >= WARPS_TO_FILL)
+        return 1, max(splits)
+
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
         flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
         if flat:
@@ -299,28 +310,21 @@ class SpecializedCUDA(SparseConvRule):
                 ty *= 2
         reuse = spec.KH * spec.KW > 1 or spec.stride != (1, 1)
         # Busy threads: a 1x1 flat row runs on across the batch (a 7x7 output is 49 pixels of a 128-thread
-        # row), and at large batch a small staged output takes one thread per pixel of the whole image where
-        # 2-D tiles would leave columns and rows idle (13x13: 169 of 192 threads busy instead of 169 of 256).
-        # At small batch the 2-D tiles stay: their 128-thread blocks split the chunk loop 4 ways and keep more
-        # channels per thread on a grid of a few blocks.
+        # row: resnet50.l4.1x1in 8% faster at batch 32, l3.1x1out 4%; docs/bench/span_b32), and at large batch a
+        # staged output of at most 1024 pixels takes one block of one thread per pixel where 2-D tiles would
+        # leave threads idle, unless filling the GPU would then split the block's chunk loop (batch 32, H200,
+        # docs/bench/v8_b32, against 2-D tiles in the same run: unsplit vgg16.conv5_2 -39%, alexnet.conv2 -20%,
+        # alexnet.conv3 -4%: fewer blocks walk each group's code; split in two alexnet.conv4/5 +7% and
+        # resnet50.l3.3x3 +77%). Small batch keeps its 2-D tiles: 128-thread blocks split 4 ways on a few blocks.
         image_threads = -(-spec.OH * spec.OW // 32) * 32
         tiled_threads = -(-spec.OH // ty) * ty * -(-spec.OW // tx) * tx
-        image_tile = (reuse and spec.N >= LARGE_BATCH and image_threads <= IMAGE_TILE_MAX_THREADS
-                      and image_threads < tiled_threads)
-        base = SpecializedKnobs(threads_x=tx, threads_y=ty, stage_input=reuse, span_images=flat and not reuse,
-                                image_tile=image_tile)
-        # Enough warps to fill the GPU (132 SMs x 16), with as many channels per thread as that allows; a
-        # staged kernel may split its chunk loop across channel_split slices of the block to get there
-        # (batch 1: few pixels, long reductions), keeping at least 4 chunks per slice.
-        geo = _Geometry.of(spec, base)
-        chunks = -(-spec.Cg // 8)
-        splits = [ks for ks in (1, 2, 4, 8) if ks == 1 or (reuse and chunks >= 4 * ks and geo.NT * ks <= 512)]
-        kg, ks = 1, max(splits)
-        for cand in (32, 16, 8, 4, 2):
-            warps = [geo.blocks_per_group(spec.N, 1) * -(-spec.K // cand) * (geo.NT * s // 32) for s in splits]
-            if any(w >= WARPS_TO_FILL for w in warps):
-                kg, ks = cand, next(s for s, w in zip(splits, warps) if w >= WARPS_TO_FILL)
-                break
+        base = SpecializedKnobs(threads_x=tx, threads_y=ty, stage_input=reuse, span_images=flat and not reuse)
+        kg, ks = self._fill(spec, base, reuse)
+        if reuse and spec.N >= LARGE_BATCH and image_threads <= 1024 and image_threads < tiled_threads:
+            whole = base.with_(image_tile=True)
+            kg_whole, ks_whole = self._fill(spec, whole, reuse)
+            if ks_whole == 1 and _fits(spec, whole.with_(channels_per_thread=kg_whole, channel_chunk=4)):
+                base, kg, ks = whole, kg_whole, ks_whole
         knobs = base.with_(channels_per_thread=kg, channel_chunk=8, channel_split=ks)
         while knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
             knobs = knobs.with_(channel_chunk=knobs.channel_chunk // 2)
@@ -335,14 +339,14 @@ class SpecializedCUDA(SparseConvRule):
         # in two, 32 channels) was 8% slower without prefetch (0.0789 vs 0.0729 ms).
         # group_major stays on (vgg16.conv4_2: 2.45 -> 0.90 ms at batch 32 with it and the part sizes);
         # image-major won on vgg16.conv1_2 (0.49 vs 0.66 ms) but lost or tied on most others: a tuning knob.
-        fits = staged_floats(spec, knobs) // (knobs.threads_x * knobs.threads_y) <= 32
+        fits = staged_floats(spec, knobs) // _Geometry.of(spec, knobs).NT <= 32
         split_wide = knobs.channel_split == 2 and knobs.channels_per_thread >= 16 and spec.N >= 16
         knobs = knobs.with_(prefetch=fits and not split_wide)
         # Taller blocks at small batch, where they fit the thread and shared-memory limits (batch 1, H200,
         # docs/bench/ip_b1 and sm_b1, two runs each): 6-9% faster on alexnet.conv2, 5-11% on resnet50.l3.1x1out,
         # 1-9% on l1.1x1in, 1-3% on l1.3x3; on 224x224 outputs (vgg16.conv1_2) 1-4% slower, so not there.
         taller = knobs.with_(threads_y=knobs.threads_y * 2)
-        if spec.N < LARGE_BATCH and spec.OH * spec.OW <= 56 * 56 and not image_tile and _fits(spec, taller):
+        if spec.N < LARGE_BATCH and spec.OH * spec.OW <= 56 * 56 and not knobs.image_tile and _fits(spec, taller):
             knobs = taller
         # SM-affine work queues at batch >= 16 (H200, docs/bench/sm_b32a, against the default in
         # the same run): 20-24% faster on the staged layers with at most 256 work items per group (13x13 and

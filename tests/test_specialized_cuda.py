@@ -219,16 +219,19 @@ def test_kernel_parts_stop_growing_for_compile_time():
 
 def test_defaults_keep_threads_busy_at_large_batch(rng):
     """Batch >= 16: a 13x13 output takes one thread per pixel of the image (169 of 192 threads busy, not 169
-    of 256), a 7x7 1x1 conv one flat row over the batch; batch 1 keeps the 2-D tiles it was measured with."""
+    of 256) unless filling the GPU would then split the block's chunk loop (measured slower); a 7x7 1x1 conv
+    runs one flat row over the batch; batch 1 keeps the 2-D tiles it was measured with."""
     from schedules.cuda_specialized import _Geometry
 
     def default(spec):
         return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
 
-    small = default(ConvSpec(N=32, C=64, H=13, W=13, K=64, KH=3, KW=3, pad=(1, 1, 1, 1)))
-    assert small.image_tile and _Geometry.of(ConvSpec(N=32, C=64, H=13, W=13, K=64, KH=3, KW=3,
-                                                      pad=(1, 1, 1, 1)), small).NT == 192
-    assert not default(ConvSpec(N=1, C=64, H=13, W=13, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))).image_tile
+    conv3 = ConvSpec(N=32, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1))  # alexnet.conv3
+    knobs = default(conv3)
+    assert knobs.image_tile and knobs.channel_split == 1 and _Geometry.of(conv3, knobs).NT == 192
+    conv4 = default(ConvSpec(N=32, C=384, H=13, W=13, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)))  # would split
+    assert not conv4.image_tile and conv4.channel_split == 2
+    assert not default(ConvSpec(N=1, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1))).image_tile
     assert not default(ConvSpec(N=32, C=64, H=7, W=7, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))).image_tile  # 8x8 fits
     spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
     flat = default(spec)
