@@ -53,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts import first_input  # noqa: E402  (the kernels' first-argument layout, shared with the other script)
+
 # The anchor layers (../shared/anchors/measure_anchors.py): name -> (C, K, H, W, R, stride, pad).
 LAYERS = {
     "alexnet.conv2": (64, 192, 27, 27, 5, 1, 2),
@@ -146,18 +148,6 @@ def out_hw(spec: dict) -> tuple[int, int]:
     return OH, OW
 
 
-def first_input_numpy(x, layout: dict):
-    """The kernel's first argument for NCHW ``x`` as the manifest describes it (mirror of the torch version)."""
-    import numpy as np
-
-    if not layout["padded"]:
-        return x.reshape(layout["shape"])
-    N, C, H, W = x.shape
-    top, left, hp, wp, rows = layout["top"], layout["left"], layout["hp"], layout["wp"], layout["rows"]
-    xp = np.pad(x, ((0, rows - N), (0, 0), (top, hp - H - top), (left, wp - W - left)))
-    return xp.reshape(rows, C * hp * wp)
-
-
 def geomean(vals):
     vals = [v for v in vals if v is not None and v > 0 and math.isfinite(v)]
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
@@ -247,38 +237,6 @@ def knob_variants(rule, spec, weight, how: str, seed: int) -> list:
 
 def _signature(func) -> list:
     return [[str(p.name), [int(d) for d in p.ty.shape], str(p.ty.dtype)] for p in func.params]
-
-
-class LayoutError(RuntimeError):
-    pass
-
-
-def probe_first_input(plan, spec, cache: dict) -> dict:
-    """Describe the kernel's first argument so the GPU side can build it with one F.pad, and prove the
-    description equal to ``plan.prepare_input`` on a probe input (so a layout change fails here, loudly)."""
-    import numpy as np
-
-    key = (spec, bool(plan.padded_input), int(plan.hp), int(plan.wp), getattr(plan, "extra_images", None))
-    if key in cache:
-        return cache[key]
-    x = np.arange(int(np.prod(spec.input_shape)), dtype=np.float32).reshape(spec.input_shape) + 1.0
-    got = np.asarray(plan.prepare_input(x))
-    if plan.needs_pad_op:
-        layout = {"padded": True, "rows": int(got.shape[0]) if got.ndim == 2 else -1, "hp": int(plan.hp),
-                  "wp": int(plan.wp), "top": int(spec.pad[0]), "left": int(spec.pad[1])}
-        layout["shape"] = [layout["rows"], spec.C * plan.hp * plan.wp]
-    elif plan.padded_input:  # nothing to pad: the graph pass emits a reshape only (a view)
-        layout = {"padded": False, "shape": [spec.N, spec.C * spec.H * spec.W]}
-    else:
-        layout = {"padded": False, "shape": list(spec.input_shape)}
-    want = first_input_numpy(x, layout) if layout.get("rows", 0) >= spec.N or not layout["padded"] else None
-    if (want is None or got.dtype != np.float32 or tuple(got.shape) != tuple(want.shape)
-            or not np.array_equal(got, want)):
-        raise LayoutError(f"plan.prepare_input gives shape {got.shape}, not the zero-padded layout {layout}: "
-                          "teach bench.py (first_input_numpy / first_input_torch) the new layout")
-    del x, got, want
-    cache[key] = layout
-    return layout
 
 
 def _array_key(a) -> str:
@@ -734,7 +692,7 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
     tmp.mkdir(parents=True)
 
     groups: dict[tuple, dict] = {}  # (layer, sparsity) -> weights group
-    funcs, entries, layout_cache, dense_specs = {}, [], {}, {}
+    funcs, entries, dense_specs = {}, [], {}
     t_sched = time.time()
     for i, case in enumerate(cases):
         cv = case["conv"]
@@ -766,7 +724,7 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                 if len(sig) != len(want) or any(w is not None and [s[1], s[2]] != w for s, w in zip(sig, want)):
                     raise RuntimeError(f"kernel parameters {sig} are not (first_input, *weight_arrays, bias[K], "
                                        f"y{list(spec.output_shape)})")
-                layout = probe_first_input(plan, spec, layout_cache)
+                layout = first_input.describe(plan, spec)
                 if [sig[0][1], sig[0][2]] != [layout["shape"], "float32"]:
                     raise RuntimeError(f"first parameter {sig[0]} does not match prepare_input's {layout['shape']}")
             except Exception as e:
@@ -1115,7 +1073,7 @@ def verify(bench_dir: Path, reapply: bool = True) -> list[str]:
                 if _signature(plan.func) != v["params"]:
                     problems.append(f"{v['symbol']}: re-applying the schedule gives another signature")
                 x = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
-                if not np.array_equal(np.asarray(plan.prepare_input(x)), first_input_numpy(x, v["first_input"])):
+                if not np.array_equal(np.asarray(plan.prepare_input(x)), first_input.to_numpy(x, v["first_input"])):
                     problems.append(f"{v['symbol']}: prepare_input differs from the manifest layout")
         sp = c.get("specialized")
         if sp is None:
@@ -1285,12 +1243,7 @@ class _Gpu:
         return self.tvm.runtime.from_dlpack(x)
 
     def first_input(self, x, layout: dict):
-        if not layout["padded"]:
-            return x.contiguous().reshape(layout["shape"])
-        N, C, H, W = x.shape
-        top, left, hp, wp, rows = layout["top"], layout["left"], layout["hp"], layout["wp"], layout["rows"]
-        xp = self.F.pad(x, (left, wp - W - left, top, hp - H - top, 0, 0, 0, rows - N))
-        return xp.reshape(rows, C * hp * wp)
+        return first_input.to_torch(self.F, x, layout)
 
 
 def _rel_err(torch, out, ref) -> tuple[float, int]:

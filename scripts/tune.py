@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts import first_input  # noqa: E402  (the kernels' first-argument layout, shared with the other script)
+
 DEFAULT_DIR = ROOT / ".gpu" / "tune"
 TOL = 1e-4
 SIZE_WARN_MB = 35.0  # .devbundle (~23 MiB) + the prepared folder must fit one 64 MiB carry
@@ -105,18 +107,6 @@ def bench_layers() -> dict:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return dict(mod.LAYERS)
-
-
-def first_input_numpy(x, layout: dict):
-    """The kernel's first argument for NCHW ``x`` as the manifest describes it (zero padding, extra zero images)."""
-    import numpy as np
-
-    if not layout["padded"]:
-        return np.ascontiguousarray(x).reshape(layout["shape"])
-    N, C, H, W = x.shape
-    top, left, hp, wp, rows = layout["top"], layout["left"], layout["hp"], layout["wp"], layout["rows"]
-    xp = np.pad(x, ((0, rows - N), (0, 0), (top, hp - H - top), (left, wp - W - left)))
-    return xp.reshape(rows, C * hp * wp)
 
 
 def task_inputs(task: dict):
@@ -357,45 +347,12 @@ def _signature(func) -> list:
     return [[str(p.name), [int(d) for d in p.ty.shape], str(p.ty.dtype)] for p in func.params]
 
 
-_LAYOUTS: dict = {}  # (spec, padded, hp, wp, extra images) -> proven layout: the probe is slow on big inputs
-
-
-def describe_first_input(plan, spec) -> dict:
-    """The kernel's first argument as a layout the measuring side can rebuild (numpy or torch), proven equal to
-    ``plan.prepare_input`` on a probe input; raises ValueError for a layout this script does not know."""
-    import numpy as np
-
-    key = (spec, bool(getattr(plan, "padded_input", True)), int(plan.hp), int(plan.wp),
-           int(getattr(plan, "extra_images", 0) or 0), type(plan).__name__)
-    if key in _LAYOUTS:
-        return dict(_LAYOUTS[key])
-    x = (np.arange(int(np.prod(spec.input_shape)), dtype=np.float32) % 251 + 1.0).reshape(spec.input_shape)
-    got = np.asarray(plan.prepare_input(x))
-    if getattr(plan, "padded_input", True) and not plan.needs_pad_op:  # no border needed, or made on chip: a view
-        layout = {"padded": False, "shape": [spec.N, spec.C * spec.H * spec.W]}
-        ok = True
-    elif getattr(plan, "padded_input", True):
-        rows = int(got.shape[0]) if got.ndim == 2 else -1
-        layout = {"padded": True, "rows": rows, "hp": int(plan.hp), "wp": int(plan.wp), "top": int(spec.pad[0]),
-                  "left": int(spec.pad[1]), "shape": [rows, spec.C * int(plan.hp) * int(plan.wp)]}
-        ok = rows >= spec.N and plan.hp >= spec.H + spec.pad[0] and plan.wp >= spec.W + spec.pad[1]
-    else:
-        layout = {"padded": False, "shape": list(spec.input_shape)}
-        ok = True
-    if not ok or got.dtype != np.float32 or list(got.shape) != layout["shape"] \
-            or not np.array_equal(got, first_input_numpy(x, layout)):
-        raise ValueError(f"plan.prepare_input gives {got.dtype} {list(got.shape)}, not the layout {layout}: "
-                         "teach tune.py (first_input_numpy / first_input_torch) the new layout")
-    _LAYOUTS[key] = dict(layout)
-    return layout
-
-
 def check_plan(plan, spec, epilogue: dict) -> tuple[dict, list]:
     """(first-input layout, signature) after checking that the kernel's parameters are
     (first, *weight_arrays, bias[K], [residual], y) and its indexing fits 32 bits; raises ValueError."""
     import numpy as np
 
-    layout = describe_first_input(plan, spec)
+    layout = first_input.describe(plan, spec)
     sig = _signature(plan.func)
     arrays = [np.asarray(a) for a in plan.weight_arrays]
     want = [[layout["shape"], "float32"]] + [[list(a.shape), str(a.dtype)] for a in arrays] + [[[spec.K], "float32"]]
@@ -659,7 +616,7 @@ class CpuBackend:
         import numpy as np
 
         t = self.tvm.runtime.tensor
-        xin = t(first_input_numpy(self.x, cand["first_input"]), self.dev)
+        xin = t(first_input.to_numpy(self.x, cand["first_input"]), self.dev)
         y = t(np.full(out_shape, np.nan, np.float32), self.dev)
         return [xin] + [t(np.ascontiguousarray(a), self.dev) for a in arrays] + [self.bias] \
             + ([self.res] if self.res is not None else []) + [y]
@@ -689,16 +646,6 @@ def load_cuda_tvm(allow_stub: bool = False):
     import tvm
 
     return tvm
-
-
-def first_input_torch(F, x, layout: dict):
-    """The torch mirror of first_input_numpy (one F.pad on the GPU)."""
-    if not layout["padded"]:
-        return x.contiguous().reshape(layout["shape"])
-    N, C, H, W = x.shape
-    top, left, hp, wp, rows = layout["top"], layout["left"], layout["hp"], layout["wp"], layout["rows"]
-    xp = F.pad(x, (left, wp - W - left, top, hp - H - top, 0, 0, 0, rows - N))
-    return xp.reshape(rows, C * hp * wp)
 
 
 class CudaBackend:
@@ -754,7 +701,7 @@ class CudaBackend:
 
     def args(self, cand, arrays, out_shape):
         torch = self.torch
-        xin = first_input_torch(self.F, self.x, cand["first_input"])
+        xin = first_input.to_torch(self.F, self.x, cand["first_input"])
         y = torch.full(tuple(out_shape), float("nan"), device="cuda")
         return [xin] + [torch.from_numpy(a.copy()).cuda() for a in arrays] + [self.bias] \
             + ([self.res] if self.res is not None else []) + [y]
@@ -1153,7 +1100,7 @@ def dry_run(d: Path, allow_stub: bool = True) -> dict:
                 problems.append(f"{c['symbol']}: parameters {params} vs arrays/layout {want}")
             if [str(a.dtype) for a in arrays] != [p[2] for p in params[1:1 + len(arrays)]]:
                 problems.append(f"{c['symbol']}: array dtypes differ from the kernel's")
-            if list(first_input_numpy(x, c["first_input"]).shape) != c["first_input"]["shape"]:
+            if list(first_input.to_numpy(x, c["first_input"]).shape) != c["first_input"]["shape"]:
                 problems.append(f"{c['symbol']}: first input layout gives another shape")
     mods = _compiler_modules()
     return {"tasks": len(manifest["tasks"]), "candidates": n, "libs": len(libs), "problems": problems,

@@ -378,7 +378,7 @@ def test_cuda_prepare_manifest_and_libraries(cuda_prepared):
     for c in by_rule["cuda.register_tiled"]:
         plan = rule.apply(spec, sw, Epilogue(relu=True), CUDAKnobs.from_dict(c["knobs"]))
         assert all(np.array_equal(np.asarray(a), z[k["key"]]) for a, k in zip(plan.weight_arrays, c["arrays"]))
-        assert np.array_equal(plan.prepare_input(x), tune.first_input_numpy(x, c["first_input"]))
+        assert np.array_equal(plan.prepare_input(x), tune.first_input.to_numpy(x, c["first_input"]))
         names = [p[0] for p in c["params"]]
         assert len(names) == len(c["arrays"]) + 3 and c["params"][-1][1] == [2, 12, 9, 11]
 
