@@ -312,10 +312,12 @@ class SpecializedCUDA(SparseConvRule):
         # Busy threads: a 1x1 flat row runs on across the batch (a 7x7 output is 49 pixels of a 128-thread
         # row: resnet50.l4.1x1in 8% faster at batch 32, l3.1x1out 4%; docs/bench/span_b32), and at large batch a
         # staged output of at most 1024 pixels takes one block of one thread per pixel where 2-D tiles would
-        # leave threads idle, unless filling the GPU would then split the block's chunk loop (batch 32, H200,
-        # docs/bench/v8_b32, against 2-D tiles in the same run: unsplit vgg16.conv5_2 -39%, alexnet.conv2 -20%,
-        # alexnet.conv3 -4%: fewer blocks walk each group's code; split in two alexnet.conv4/5 +7% and
-        # resnet50.l3.3x3 +77%). Small batch keeps its 2-D tiles: 128-thread blocks split 4 ways on a few blocks.
+        # leave threads idle, if the block stays unsplit and still stages 8 channels per barrier (batch 32,
+        # H200, against 2-D tiles in the same run, docs/bench/v8_b32: vgg16.conv5_2 -39%, alexnet.conv2 -20%,
+        # alexnet.conv3 -4%: fewer blocks walk each group's code; split in two, alexnet.conv4/5 +7% and
+        # resnet50.l3.3x3 +77%, unsplit with fewer channels +31-84% (v8c_b32); 28x28 outputs, whose whole-image
+        # halo only fits 4 channels, resnet50.l2.3x3 +15% and vgg16.conv4_2 +35% (v8b_b32)). Small batch keeps
+        # its 2-D tiles: 128-thread blocks split 4 ways on a grid of a few blocks.
         image_threads = -(-spec.OH * spec.OW // 32) * 32
         tiled_threads = -(-spec.OH // ty) * ty * -(-spec.OW // tx) * tx
         base = SpecializedKnobs(threads_x=tx, threads_y=ty, stage_input=reuse, span_images=flat and not reuse)
@@ -323,7 +325,7 @@ class SpecializedCUDA(SparseConvRule):
         if reuse and spec.N >= LARGE_BATCH and image_threads <= 1024 and image_threads < tiled_threads:
             whole = base.with_(image_tile=True)
             kg_whole, ks_whole = self._fill(spec, whole, reuse)
-            if ks_whole == 1 and _fits(spec, whole.with_(channels_per_thread=kg_whole, channel_chunk=4)):
+            if ks_whole == 1 and _fits(spec, whole.with_(channels_per_thread=kg_whole, channel_chunk=8)):
                 base, kg, ks = whole, kg_whole, ks_whole
         knobs = base.with_(channels_per_thread=kg, channel_chunk=8, channel_split=ks)
         while knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
