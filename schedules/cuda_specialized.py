@@ -112,8 +112,6 @@ class SpecializedKnobs(Knobs):
             threads = self.threads_x * self.threads_y * depth
             raise ValueError(f"threads_x*threads_y*channel_split*images_per_block={threads} exceeds 1024 threads "
                              "per block")
-        if self.channel_split > 1 and not self.stage_input:
-            raise ValueError("channel_split > 1 needs stage_input (the slices split the staged chunk loop)")
         if self.rows_per_thread > 1 and not self.stage_input:
             raise ValueError("rows_per_thread > 1 needs stage_input (rows share staged input)")
         if self.tiles_per_block > 1 and not self.stage_input:
@@ -214,14 +212,12 @@ def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
 def staging_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     """The staging buffer: a chunk per (image, slice), reused for the partial sums of all slices but the one
     that finishes each accumulator."""
-    if not k.stage_input:
-        return 0
-    depth = k.channel_split * k.images_per_block * _Geometry.of(spec, k).images
-    staged = depth * staged_floats(spec, k)
-    if k.channel_split == 1:
-        return staged
     partials = (k.channel_split - 1) * k.images_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread
-    return max(staged, partials * _Geometry.of(spec, k).NT)
+    partials *= _Geometry.of(spec, k).NT
+    if not k.stage_input:
+        return partials
+    depth = k.channel_split * k.images_per_block * _Geometry.of(spec, k).images
+    return max(depth * staged_floats(spec, k), partials)
 
 
 def parked_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
@@ -250,7 +246,7 @@ def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
         if threads > 1024:
             raise ValueError(f"image_tile on {spec.OH}x{spec.OW} outputs needs {threads} threads per block "
                              "(channel_split and images_per_block included; limit 1024)")
-    if k.stage_input and shared_floats(spec, k) * 4 > SHARED_LIMIT:
+    if shared_floats(spec, k) * 4 > SHARED_LIMIT:
         raise ValueError(f"{k} stages {shared_floats(spec, k) * 4} bytes of shared memory "
                          f"(limit {SHARED_LIMIT}) for {spec.describe()}")
 
@@ -288,11 +284,14 @@ class SpecializedCUDA(SparseConvRule):
     @staticmethod
     def _fill(spec: ConvSpec, base: SpecializedKnobs, reuse: bool) -> tuple[int, int]:
         """(channels_per_thread, channel_split): enough warps to fill the GPU (132 SMs x 16), with as many
-        channels per thread as that allows; a staged kernel may split its chunk loop across channel_split
+        channels per thread as that allows; a kernel may split its input channels across channel_split
         slices of the block to get there (batch 1: few pixels, long reductions), keeping 4+ chunks per slice."""
         geo = _Geometry.of(spec, base)
         chunks = -(-spec.Cg // 8)
-        splits = [ks for ks in (1, 2, 4, 8) if ks == 1 or (reuse and chunks >= 4 * ks and geo.NT * ks <= 512)]
+        # Unstaged (1x1) only at large batch: there it lets 32 channels per thread, and so a quarter of the L2
+        # reads of 8, fill the GPU (resnet50.l4.1x1in re-reads its 12.8 MB input once per channel group).
+        splittable = reuse or spec.N >= LARGE_BATCH
+        splits = [ks for ks in (1, 2, 4, 8) if ks == 1 or (splittable and chunks >= 4 * ks and geo.NT * ks <= 512)]
         for cand in (32, 16, 8, 4, 2):
             warps = [geo.blocks_per_group(spec.N, 1) * -(-spec.K // cand) * (geo.NT * s // 32) for s in splits]
             if any(w >= WARPS_TO_FILL for w in warps):
@@ -668,14 +667,10 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                             chunk_code(t)
                             park(t, store=True)
                     T.evaluate(T.tvm_storage_sync("shared"))
-                if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
-                    for a_i, a in enumerate(acc):
-                        owner = (a_i // PY) % KS
-                        with T.If(sz != owner):
-                            with T.Then():
-                                T.buffer_store(sm, a[0], [partial(T.if_then_else(sz > owner, sz - 1, sz), a_i)])
-                    T.evaluate(T.tvm_storage_sync("shared"))
             else:
+                if KS > 1:  # only the partial sums
+                    sm = T.alloc_buffer((staging_floats(spec, k.with_(channels_per_thread=KG)),), "float32",
+                                        scope="shared")
                 ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
                 padded = any(spec.pad)
 
@@ -688,9 +683,24 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                         return v
                     return tvm.tirx.if_then_else(tvm.tirx.all(ih >= 0, ih < H, iw >= 0, iw < W), v, f32(0.0))
 
+                def slice_taps(gi, slice_):
+                    """The group's taps of slice ``slice_``: a contiguous run of its input channels' chunks."""
+                    lo, hi = chunk_range[gi]
+                    a, b = lo + (hi - lo) * slice_ // KS, lo + (hi - lo) * (slice_ + 1) // KS
+                    return tuple(t for t in taps_of(gi) if a <= t.c // CC < b)
+
                 def group_taps(gi):
+                    if KS > 1:  # slice sz (warp-uniform: threadIdx.z) takes its run of the input channels
+                        slices = [s_ for s_ in range(KS) if slice_taps(gi, s_)]
+                        if slices:
+                            _tree(T, sz, slices, lambda s_: slice_code(gi, slice_taps(gi, s_)),
+                                  exact=len(slices) < KS)
+                        return
+                    slice_code(gi, taps_of(gi))
+
+                def slice_code(gi, taps):
                     if padded and not geo.flat:  # predicated loads: one C statement per tap and FMA
-                        for t in taps_of(gi):
+                        for t in taps:
                             fmas(t, load_direct(t))
                         return
                     # Unpadded: every tap is a fixed offset from this thread's first input element.
@@ -699,12 +709,19 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     else:
                         base = xf[nl * C * HW + ohc * sh * W + owc * sw]
                         offs = lambda t: t.c * HW + t.kh * dh * W + t.kw * dw  # noqa: E731
-                    run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in taps_of(gi)))
+                    run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in taps))
                     ptx_taps.emit(T, run, acc, T.address_of(base))
 
                 with_taps = [gi for gi in range(len(part)) if taps_of(gi)]
                 if with_taps:
                     _tree(T, grp, with_taps, group_taps, exact=len(with_taps) < len(part))
+            if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
+                for a_i, a in enumerate(acc):
+                    owner = (a_i // PY) % KS
+                    with T.If(sz != owner):
+                        with T.Then():
+                            T.buffer_store(sm, a[0], [partial(T.if_then_else(sz > owner, sz - 1, sz), a_i)])
+                T.evaluate(T.tvm_storage_sync("shared"))
 
             def total(a_i):
                 if KS == 1:

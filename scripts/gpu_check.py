@@ -72,6 +72,8 @@ SPEC_CASES = [
     # batch >= 16 on a 13x13 output: the default takes image_tile (and sm_affine); 7x7 flat over a ragged batch
     ("batch16_13x13", 16, 16, 13, 13, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, True),
     ("batch17_1x1_7x7", 17, 32, 7, 7, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, True, False),
+    # batch >= 16, unstaged 1x1: the default splits the input channels across slices of the block
+    ("batch16_1x1_split", 16, 64, 5, 5, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, True, True),
     ("3x3_nopad", 2, 8, 12, 13, 8, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.8, True, False),
     ("split_kernels", 2, 16, 10, 11, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.8, True, True),
 ]

@@ -110,7 +110,7 @@ KNOB_CASES = [
                                      groups=2), 0.6),
     ("3x3_deep", ConvSpec(N=1, C=64, H=6, W=6, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.95),  # 8 chunks: input_parts
 ]
-REFUSALS = ("threads_x*threads_y", "shared memory", "channel_split > 1 needs stage_input",
+REFUSALS = ("threads_x*threads_y", "shared memory",
             "rows_per_thread > 1 needs stage_input", "rows_per_thread > 1 does not apply",
             "tiles_per_block > 1 needs stage_input", "tiles_per_block > 1 needs channel_split",
             "channel chunks of a conv group", "span_images needs", "span_images applies only", "image_tile needs",
