@@ -343,6 +343,12 @@ class SpecializedCUDA(SparseConvRule):
         fits = staged_floats(spec, knobs) // _Geometry.of(spec, knobs).NT <= 32
         split_wide = knobs.channel_split == 2 and knobs.channels_per_thread >= 16 and spec.N >= 16
         knobs = knobs.with_(prefetch=fits and not split_wide)
+        # Where the fill rule split the chunk loop 4+ ways at large batch, 2 images per block and half the slices:
+        # as many warps per block, but each slice's code (the slices walk different chunks) is run by twice the
+        # warps. resnet50.l4.3x3 at batch 32 (H200, docs/bench/x3_b32): 0.1322 vs 0.1719 ms (-23%).
+        paired = knobs.with_(images_per_block=2, channel_split=knobs.channel_split // 2)
+        if spec.N >= LARGE_BATCH and knobs.channel_split >= 4 and _fits(spec, paired):
+            knobs = paired
         # Taller blocks at small batch, where they fit the thread and shared-memory limits (batch 1, H200,
         # docs/bench/ip_b1 and sm_b1, two runs each): 6-9% faster on alexnet.conv2, 5-11% on resnet50.l3.1x1out,
         # 1-9% on l1.1x1in, 1-3% on l1.3x3; on 224x224 outputs (vgg16.conv1_2) 1-4% slower, so not there.
