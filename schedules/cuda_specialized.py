@@ -11,7 +11,10 @@ has a nonzero there. With ``stage_input`` the input tile and its halo are staged
 outside the image (this is where the padding happens: no pad op, no predicate in the inner code), and
 every tap is a shared load at an immediate offset from one per-thread base. Without staging, taps are
 global loads, predicated only where the conv pads. A 1x1 stride-1 unpadded conv is run as one long
-row of pixels (flat mode). A large layer is cut into several kernels (``kernel_parts``).
+row of pixels (flat mode), which may run on across the batch (``span_images``); with ``image_tile`` a
+block instead covers one whole image, one thread per output pixel. The ``channel_split`` slices of a
+block take different input channels and add their partial sums through shared memory. A large layer
+is cut into several kernels (``kernel_parts``, over output channels; ``input_parts``, over input ones).
 """
 from __future__ import annotations
 

@@ -100,7 +100,10 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("sm_affine_split_2", "sm_affine", lambda v: True, {"channel_split": 2}),
                 # one thread per pixel of a whole image (refused where flat or over 1024 threads); the flat row
                 # over the batch, or per image (the flip of whichever the default took)
-                ("image_tile", "image_tile", lambda v: not v), ("span_flip", "span_images", lambda v: not v))
+                ("image_tile", "image_tile", lambda v: not v), ("span_flip", "span_images", lambda v: not v),
+                # one thread per pixel with global loads (predicated where padded), and unstaged split slices
+                ("image_tile_direct", "image_tile", lambda v: True, {"stage_input": False, "span_images": False}),
+                ("split_2_direct", "channel_split", lambda v: 2, {"stage_input": False, "span_images": False}))
 SPEC_BASIC_CHANGES = 6
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels",
                    "batch16_13x13")
