@@ -601,9 +601,10 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 for j, w in t.fmas:
                     T.buffer_store(acc[j], acc[j][0] + val[0] * f32(w), [i32(0)])
 
-            if k.stage_input:
+            if k.stage_input or KS > 1:  # staged chunks, and/or the split slices' partial sums
                 sm = T.alloc_buffer((staging_floats(spec, k.with_(channels_per_thread=KG)),), "float32",
                                     scope="shared")
+            if k.stage_input:
                 lim = T.alloc_buffer((2,), "int32", scope="local")  # this group's chunk range
 
                 def set_range(gi):
@@ -677,9 +678,6 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                             park(t, store=True)
                     T.evaluate(T.tvm_storage_sync("shared"))
             else:
-                if KS > 1:  # only the partial sums
-                    sm = T.alloc_buffer((staging_floats(spec, k.with_(channels_per_thread=KG)),), "float32",
-                                        scope="shared")
                 ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
                 padded = any(spec.pad)
 
