@@ -467,19 +467,16 @@ def escort_tvm_tensor(a, dev):
 
 
 def render_markdown(results: dict) -> str:
+    tf32 = any("PyTorch TF32" in r["errors"] for r in results["rows"])
     torch_col = "PyTorch fp32 (cuDNN)" if results.get("env", {}).get("device") == "cuda" else "PyTorch fp32 (CPU)"
     lines = [f"# End-to-end latency, {results.get('env', {}).get('gpu', results.get('env', {}).get('device', '?'))}",
              "", f"Command: `{results.get('command', '?')}`", "",
              f"Environment: `{json.dumps(results.get('env', {}))}`", "",
              "Median ms per inference (fp32). Speedup = their time / ours. Outputs checked against the "
              "reference before timing (relative L2 error < 1e-4); a failing implementation is not timed.", "",
-             f"| model | batch | convs sparse | escort-tvm | TVM dense | {torch_col} | x TVM dense | x PyTorch "
-             "| max rel. error | reference |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    tf32 = any("PyTorch TF32" in r["errors"] for r in results["rows"])
-    if tf32:
-        lines[-2] = lines[-2].replace("| x PyTorch |", "| x PyTorch | PyTorch TF32 | x PyTorch TF32 |")
-        lines[-1] = lines[-1] + "---|---|"
+             f"| model | batch | convs sparse | escort-tvm | TVM dense | {torch_col} | x TVM dense | x PyTorch |"
+             + (" PyTorch TF32 | x PyTorch TF32 |" if tf32 else "") + " max rel. error | reference |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if tf32 else "")]
     for r in results["rows"]:
         med = r["median_ms"]
         ours = med.get("escort-tvm")
