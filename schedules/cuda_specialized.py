@@ -215,11 +215,12 @@ def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
 def staging_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     """The staging buffer: a chunk per (image, slice), reused for the partial sums of all slices but the one
     that finishes each accumulator."""
+    geo = _Geometry.of(spec, k)
     partials = (k.channel_split - 1) * k.images_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread
-    partials *= _Geometry.of(spec, k).NT
+    partials *= geo.NT
     if not k.stage_input:
         return partials
-    depth = k.channel_split * k.images_per_block * _Geometry.of(spec, k).images
+    depth = k.channel_split * k.images_per_block * geo.images
     return max(depth * staged_floats(spec, k), partials)
 
 
