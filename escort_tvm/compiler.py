@@ -13,6 +13,7 @@ from relay_passes.sparse_conv_rewrite import conv_weight_names
 
 from .report import ConvReport, format_report
 from .runtime import METADATA_FUNC, Model, _all_modules
+from .separate_compile import compile_each, link_external, split_out
 from .tuning_log import TuningLog
 
 
@@ -112,12 +113,14 @@ class CompiledModel(Model):
 
 
 def build(mod: tvm.IRModule, params: dict | None = None, target=None, *, min_sparsity: float = 0.7,
-          tuning_log=None, kernel: str = "auto", specialized_budget: int | None = None) -> CompiledModel:
+          tuning_log=None, kernel: str = "auto", specialized_budget: int | None = None,
+          jobs: int | None = None) -> CompiledModel:
     """Compile a Relax module; every constant conv2d weight with sparsity >= min_sparsity gets a sparse kernel.
 
     ``kernel``: "auto" (a tuning log's fastest, else the cost rule of relay_passes.kernel_choice),
     or force "sparse" (CSR), "specialized" (weights in the code; falls back to CSR where it cannot)
-    or "dense". The report says per conv which kernel it got and why.
+    or "dense". The report says per conv which kernel it got and why. ``jobs``: specialised kernels
+    compiled side by side (default: one per core).
     """
     if not isinstance(mod, tvm.IRModule) or "main" not in [g.name_hint for g in mod.get_global_vars()]:
         raise TypeError("build expects a Relax IRModule with a 'main' function (see escort_tvm.from_onnx)")
@@ -133,17 +136,35 @@ def build(mod: tvm.IRModule, params: dict | None = None, target=None, *, min_spa
     mod = relax.transform.FoldConstant()(mod)
     mod, report = rewrite_sparse_convs(mod, target, min_sparsity, None, names, kernel=kernel, tuning_log=log,
                                        specialized_budget=specialized_budget)
-    meta = {"inputs": signature, "target": str(target.kind.name), "report": [r.as_dict() for r in report]}
-    mod[METADATA_FUNC] = _metadata_func(meta)
     if target.kind.name == "cuda":
         from .cuda_toolchain import prepare_cuda_build
 
         prepare_cuda_build()
+    mod = _compile_specialized_apart(mod, report, target, jobs)
+    meta = {"inputs": signature, "target": str(target.kind.name), "report": [r.as_dict() for r in report]}
+    mod[METADATA_FUNC] = _metadata_func(meta)
     with target:
         ex = tvm.compile(mod, target=target)
     if target.kind.name == "cuda":
         check_device_kernels(ex, report)
     return CompiledModel(ex, meta, target)
+
+
+def _compile_specialized_apart(mod, report: list[ConvReport], target, jobs) -> tvm.IRModule:
+    """Each specialised kernel in its own module and nvcc call (memory, and all cores); the rest stays
+    for ``tvm.compile``. Records each kernel's compile seconds in its convs' reports."""
+    nnz = {}
+    for r in report:
+        if r.kernel == "specialized":
+            nnz[r.function] = max(nnz.get(r.function, 0), r.nnz or 0)
+    if not nnz:
+        return mod
+    mod, funcs = split_out(mod, sorted(nnz, key=lambda n: -nnz[n]))
+    libs, seconds = compile_each(funcs, target, jobs)
+    for r in report:
+        if r.kernel == "specialized":
+            r.compile_s = round(seconds[r.function], 2)
+    return link_external(mod, libs.values())
 
 
 def check_device_kernels(ex, report: list[ConvReport]) -> None:

@@ -23,6 +23,7 @@ class ConvReport:
     fused: list = field(default_factory=list)
     schedule: str = ""  # rule name and knobs, for sparse
     function: str = ""  # the kernel's function in the built module (convs with identical kernels share one)
+    compile_s: float | None = None  # a specialised kernel's own build (lowering + nvcc), in seconds
     notes: list = field(default_factory=list)  # anything else worth knowing, in plain words
 
     def as_dict(self) -> dict:
@@ -32,6 +33,8 @@ class ConvReport:
         sp = "-" if self.sparsity is None else f"{self.sparsity:.3f}"
         what = self.kernel + (f" ({' + '.join(self.fused)})" if self.fused else "")
         tail = self.reason if self.kernel == "dense" else self.schedule
+        if self.compile_s is not None:
+            tail += f" (built in {self.compile_s:.1f} s)"
         line = (f"{self.index:3d} {self.name:24.24s} in={_shape(self.input_shape):18s} "
                 f"w={_shape(self.weight_shape):16s} sparsity={sp:5s} {what:22s} {tail}")
         return "; ".join([line] + list(self.notes))

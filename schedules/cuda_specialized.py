@@ -45,6 +45,14 @@ KERNEL_NONZEROS = 16384
 # bench layer uncapped and only bounds batch-1 builds, which the cost rule keeps on CSR above 32768 anyway.
 PART_GROWTH = 16
 MAX_NONZEROS = 262144
+# Nonzeros one kernel function may hold before the default cuts the input channels into launches
+# (input_parts) to bring each under FUNCTION_NONZEROS: nvcc's front end (cicc) and ptxas are superlinear in a
+# function's size. ResNet-50's layer4 downsample (1x1 stride 2, 209k nonzeros at 90%) was one function at
+# batch 32 (7x7 outputs: every group is needed to fill the GPU, so kernel_parts cannot cut it), and cicc ran
+# 25 minutes on it before it was stopped; the same layer's 3x3 conv, cut in 4 launches of 59k, took 189 s.
+# Only at batch >= LARGE_BATCH: at batch 1 vgg16.conv4_2 (236k, 16 channels per thread) compiled in 234 s as
+# one function and was measured that way (docs/bench/b1_final_conv4_2); cutting it is not measured.
+FUNCTION_NONZEROS = 1 << 16
 # Where the specialised kernel pays (H200, docs/benchmarks.md): at batch 32 it beat the CSR kernel on
 # all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros. Larger layers at batch
 # 1, since the grid runs one group's blocks together (bench/b1_big, b1_final_conv*): where an image has
@@ -382,6 +390,12 @@ class SpecializedCUDA(SparseConvRule):
             else:
                 affine = knobs
             knobs = affine if _fits(spec, affine) else knobs
+        if spec.N >= LARGE_BATCH and largest_launch_nonzeros(spec, weight, knobs) > 2 * FUNCTION_NONZEROS:
+            chunks = -(-spec.Cg // min(knobs.channel_chunk, spec.C))
+            for pieces in (p for p in (2, 4, 8) if knobs.input_parts < p <= chunks):
+                knobs = knobs.with_(input_parts=pieces)
+                if largest_launch_nonzeros(spec, weight, knobs) <= FUNCTION_NONZEROS:
+                    break
         return knobs
 
     def apply(self, spec, weight, epilogue: Epilogue, knobs=None) -> KernelPlan:
@@ -447,6 +461,31 @@ def kernel_parts(groups: list[ChannelGroup], limit: int, min_groups: int = 1) ->
         tail = parts.pop()  # a short tail joins the part before it (popped first: parts[-2] += parts.pop()
         parts[-1] += tail   # would store into the wrong slot)
     return parts
+
+
+def _launch_parts(spec: ConvSpec, groups, k: SpecializedKnobs, kernel_nonzeros: int | None,
+                  fill_warps: int) -> list[list[int]]:
+    """The output-channel parts the kernel is cut into (each then launched input_parts times)."""
+    geo = _Geometry.of(spec, k)
+    warps_per_block = -(-geo.NT * k.channel_split * k.images_per_block // 32)
+    min_groups = max(1, -(-fill_warps // (geo.blocks_per_group(spec.N, k.images_per_block) * warps_per_block)))
+    return kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS, min_groups)
+
+
+@dataclass(frozen=True)
+class _GroupSize:
+    fma_count: int
+
+
+def largest_launch_nonzeros(spec: ConvSpec, weight: SparseConvWeight, k: SpecializedKnobs,
+                            kernel_nonzeros: int | None = None, fill_warps: int = WARPS_TO_FILL) -> int:
+    """Nonzeros in the largest kernel function these knobs make (what cicc and ptxas pay for at once)."""
+    rows = weight.row_lengths()
+    kg = weight.K // weight.groups
+    sizes = [_GroupSize(int(rows[first:min(first + k.channels_per_thread, g0 + kg)].sum()))
+             for g0 in range(0, weight.K, kg) for first in range(g0, g0 + kg, k.channels_per_thread)]
+    parts = _launch_parts(spec, sizes, k, kernel_nonzeros, fill_warps)
+    return -(-max(sum(sizes[gi].fma_count for gi in part) for part in parts) // k.input_parts)
 
 
 def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue: Epilogue, k: SpecializedKnobs,
@@ -785,9 +824,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             T.func_name("escort_specialized_conv")
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             x = T.arg("x", T.buffer((N, C, H, W), "float32"))
-            warps_per_block = -(-NT * KS * IB // 32)
-            min_groups = max(1, -(-fill_warps // (geo.blocks_per_group(N, IB) * warps_per_block)))
-            parts = kernel_parts(groups, kernel_nonzeros or KERNEL_NONZEROS, min_groups)
+            parts = _launch_parts(spec, groups, k, kernel_nonzeros, fill_warps)
             launches = [(part, piece) for part in parts for piece in range(k.input_parts)]  # in this order
             if k.sm_affine:  # each launch's work counters, one after the other
                 at = np.cumsum([0] + [work_queue.counters(len(part)) for part, _ in launches])

@@ -43,6 +43,11 @@ def test_cuda_build_compiles_every_sparse_kernel_for_the_device(cuda_cnn):
     for r in sparse:
         assert f"escort_sparse_conv{r.index}_kernel" in globals_, sorted(globals_)
     assert "escort_sparse_conv0_kernel" not in globals_  # the dense stem has no sparse kernel
+    # each specialised kernel went through nvcc alone (escort_tvm.separate_compile): one CUDA module each
+    per_module = [set(re.findall(GLOBAL_FN, m.inspect_source())) for m in _modules(built.executable.mod)
+                  if m.kind == "cuda"]
+    for r in sparse:
+        assert {f"escort_sparse_conv{r.index}_kernel"} in per_module, per_module
 
 
 def _modules(mod):

@@ -236,3 +236,37 @@ def test_defaults_keep_threads_busy_at_large_batch(rng):
     spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
     flat = default(spec)
     assert flat.span_images and _Geometry.of(spec, flat).blocks_per_group(32, 1) == -(-32 * 49 // 128)
+
+
+def test_largest_launch_nonzeros_matches_the_kernels_it_emits(cuda_target, rng):
+    """The compile-size estimate the defaults use must count the launches the kernel really makes."""
+    from schedules.cuda_specialized import _launch_parts, largest_launch_nonzeros
+    from schedules.unrolled import unrolled_program
+
+    rule = SpecializedCUDA(kernel_nonzeros=60, fill_warps=0)  # small parts, so the layer is cut several times
+    spec = ConvSpec(N=2, C=16, H=6, W=6, K=16, KH=3, KW=3, pad=(1, 1, 1, 1))
+    weight = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.7))
+    knobs = rule.default_knobs(spec, weight).with_(channels_per_thread=2, input_parts=2, channel_chunk=4)
+    groups = unrolled_program(weight, 2)
+    parts = _launch_parts(spec, groups, knobs, 60, 0)
+    assert len(parts) >= 3
+    largest = max(sum(groups[gi].fma_count for gi in p) for p in parts)
+    assert largest_launch_nonzeros(spec, weight, knobs, 60, 0) == -(-largest // 2)
+    plan = rule.apply(spec, weight, Epilogue(), knobs)
+    with cuda_target:
+        lib = tvm.compile(tvm.IRModule({"k": plan.func.with_attr("global_symbol", "k")}), target=cuda_target)
+    assert len(set(re.findall(GLOBAL_FN, cuda_source(lib)))) == 2 * len(parts)  # each part once per input piece
+
+
+def test_defaults_cut_a_huge_function_at_large_batch_only(rng):
+    """ResNet-50's layer4 downsample at batch 32 would be one 209k-nonzero function (cicc ran 25 minutes on
+    it): the defaults cut its input channels until each launch is under FUNCTION_NONZEROS."""
+    from schedules.cuda_specialized import FUNCTION_NONZEROS, largest_launch_nonzeros
+
+    w = SparseConvWeight.from_dense(pruned(rng, (2048, 1024, 1, 1), 0.9))
+    ds32 = ConvSpec(N=32, C=1024, H=14, W=14, K=2048, KH=1, KW=1, stride=(2, 2))
+    knobs = RULE.default_knobs(ds32, w)
+    assert knobs.input_parts >= 2 and largest_launch_nonzeros(ds32, w, knobs) <= FUNCTION_NONZEROS
+    assert largest_launch_nonzeros(ds32, w, knobs.with_(input_parts=1)) > 2 * FUNCTION_NONZEROS
+    ds1 = ConvSpec(N=1, C=1024, H=14, W=14, K=2048, KH=1, KW=1, stride=(2, 2))
+    assert RULE.default_knobs(ds1, w).input_parts == 1  # batch 1 was measured uncut (vgg16.conv4_2)
