@@ -14,11 +14,11 @@ __version__ = "0.1.0"
 
 
 def build(mod, params=None, target=None, *, min_sparsity=0.7, tuning_log=None, kernel="auto",
-          specialized_budget=None):
+          specialized_budget=None, jobs=None):
     from .compiler import build as _build
 
     return _build(mod, params, target, min_sparsity=min_sparsity, tuning_log=tuning_log, kernel=kernel,
-                  specialized_budget=specialized_budget)
+                  specialized_budget=specialized_budget, jobs=jobs)
 
 
 build.__doc__ = """Compile a Relax module; every conv2d whose weight is a constant with sparsity >= min_sparsity
@@ -28,7 +28,8 @@ fastest, else the cost rule in relay_passes.kernel_choice), or force "sparse" (C
 (call it with numpy inputs, read ``.report``, ``.export_library(path)``). ``target``: None (cuda if a
 GPU is visible, else llvm), "llvm", "cuda", a dict or a tvm.target.Target. ``specialized_budget``: nonzeros
 the build may compile into specialised kernels (None: relay_passes.kernel_choice.DEFAULT_SPECIALIZED_BUDGET);
-past it a conv takes the CSR kernel and the report says so."""
+past it a conv takes the CSR kernel and the report says so. ``jobs``: specialised kernels compiled side by
+side, each in its own nvcc call (None: one per core); the report gives each kernel's compile seconds."""
 
 
 def from_onnx(model_or_path, shape_dict=None):

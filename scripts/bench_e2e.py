@@ -398,7 +398,8 @@ def measure_dir(d: Path, warmup: int, number: int, repeat: int, use_torch: bool,
             y = model._vm["main"](*args)
             outputs[label] = y.numpy()
             loaded[label] = (model, args)
-            row["builds"][label] = {"sparse_convs": b["sparse_convs"], "convs": b["convs"], "bytes": b["bytes"]}
+            row["builds"][label] = {"sparse_convs": b["sparse_convs"], "convs": b["convs"], "bytes": b["bytes"],
+                                    "kernels": b.get("kernels", {}), "build_s": b.get("build_s")}
         if torch is not None:
             dev = "cuda" if device_kind == "cuda" else "cpu"
             net = net_cpu.to(dev)
@@ -474,7 +475,7 @@ def render_markdown(results: dict) -> str:
              f"Environment: `{json.dumps(results.get('env', {}))}`", "",
              "Median ms per inference (fp32). Speedup = their time / ours. Outputs checked against the "
              "reference before timing (relative L2 error < 1e-4); a failing implementation is not timed.", "",
-             f"| model | batch | convs sparse | escort-tvm | TVM dense | {torch_col} | x TVM dense | x PyTorch |"
+             f"| model | batch | convs: specialised / CSR / dense | escort-tvm | TVM dense | {torch_col} | x TVM dense | x PyTorch |"
              + (" PyTorch TF32 | x PyTorch TF32 |" if tf32 else "") + " max rel. error | reference |",
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if tf32 else "")]
     for r in results["rows"]:
@@ -490,7 +491,10 @@ def render_markdown(results: dict) -> str:
         b = r["builds"].get("escort-tvm", {})
         errs = [v for k, v in r["errors"].items() if "vs" not in k and k != "PyTorch TF32"]
         extra = f" {cell('PyTorch TF32')} | {ratio('PyTorch TF32')} |" if tf32 else ""
-        lines.append(f"| {r['model']} | {r['batch']} | {b.get('sparse_convs', '?')}/{b.get('convs', '?')} | "
+        kinds = b.get("kernels")
+        convs = (" / ".join(str(kinds.get(k, 0)) for k in ("specialized", "sparse", "dense")) if kinds else
+                 f"{b.get('sparse_convs', '?')} sparse of {b.get('convs', '?')}")  # rows measured before 2026-12-02 15h
+        lines.append(f"| {r['model']} | {r['batch']} | {convs} | "
                      f"{cell('escort-tvm')} | {cell('TVM dense')} | {cell('PyTorch')} | {ratio('TVM dense')} | "
                      f"{ratio('PyTorch')} |{extra} {max(errs):.1e} | {r['reference']} |")
     if tf32:

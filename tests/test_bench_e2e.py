@@ -50,7 +50,7 @@ def test_measure_runtime_only(prepared, repo_root, runtime_env, tmp_path):
     assert row["errors"]["escort-tvm"] < 1e-4 and row["errors"]["TVM dense"] < 1e-4
     assert set(row["median_ms"]) == {"escort-tvm", "TVM dense"} and all(len(v) == 2 for v in row["times_ms"].values())
     md = (tmp_path / "e2e.md").read_text()
-    assert "| resnet50 | 2 | 52/53 |" in md
+    assert "| resnet50 | 2 | 0 / 52 / 1 |" in md  # llvm: CSR on every pruned conv, the stem dense
     merged = tmp_path / "merged.md"
     assert bench_e2e.main(["report", str(tmp_path / "e2e.json"), str(tmp_path / "e2e.json"), "--md", str(merged)]) == 0
     assert merged.read_text().count("| resnet50 | 2 |") == 2
