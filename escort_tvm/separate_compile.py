@@ -19,12 +19,21 @@ from tvm import relax
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
+# Memory one build may take: ptxas peaked at 5.3 GB on ResNet-50's largest kernels at batch 32.
+BUILD_MEMORY = 6 << 30
+
+
 def default_jobs() -> int:
-    """One build per core this process may use."""
+    """One build per core this process may use, as far as the free memory holds one BUILD_MEMORY each."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return max(1, cores)
+    return max(1, min(cores, free // BUILD_MEMORY))
 
 
 @relax.expr_functor.mutator

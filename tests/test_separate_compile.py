@@ -79,3 +79,19 @@ def test_compile_each_checks_jobs(rng):
     _, funcs = split_out(mod, [report[0].function])
     with pytest.raises(ValueError, match="jobs must be at least 1"):
         compile_each(funcs, tvm.target.Target({"kind": "llvm"}), jobs=0)
+
+
+def test_default_jobs_is_bounded_by_cores_and_free_memory(monkeypatch):
+    import os
+
+    from escort_tvm import separate_compile as sc
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    pages = {"SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name] if name in pages else pages["free"])
+    pages["free"] = 3 * sc.BUILD_MEMORY // 4096  # room for three builds
+    assert sc.default_jobs() == 3
+    pages["free"] = sc.BUILD_MEMORY // 8192  # not even one: still one
+    assert sc.default_jobs() == 1
+    pages["free"] = 100 * sc.BUILD_MEMORY // 4096
+    assert sc.default_jobs() == 16
