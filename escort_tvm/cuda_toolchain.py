@@ -66,6 +66,21 @@ def _driver_stub() -> Path:
     return so
 
 
+# nvcc's default fatbin compression packs a kernel compiled on its own (escort_tvm.separate_compile) ~2.5x less
+# tightly than this mode: a 14.7k-nonzero specialised kernel's fatbin is 683 KB by default, 272 KB with it
+# (1.68 MB uncompressed); ResNet-50 at batch 1 exported 41 MB with one nvcc call per kernel, 29 MB with one
+# call for all. The driver decompresses once, when the module loads.
+FATBIN_COMPRESSION = "--compress-mode=size"
+
+
+def _compile_with_size_compression(code):
+    from tvm.support import nvcc
+
+    if os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc").lower() != "nvcc":
+        return nvcc.compile_cuda(code, target_format="cubin", compiler="nvrtc")
+    return nvcc.compile_cuda(code, target_format="fatbin", compiler="nvcc", options=[FATBIN_COMPRESSION])
+
+
 def prepare_cuda_build() -> None:
     """Call before ``tvm.compile`` for a CUDA target."""
     global _ready
@@ -81,6 +96,10 @@ def prepare_cuda_build() -> None:
             raise RuntimeError("building for CUDA needs nvcc on PATH (or the cuda-bindings package for NVRTC)")
         os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     load_cuda_runtime(allow_stub=True)
+    import tvm.support.nvcc  # noqa: F401  (registers TVM's callback first, so ours replaces it)
+    import tvm_ffi
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile_with_size_compression, override=True)
     _ready = True
 
 
