@@ -49,7 +49,7 @@ MAX_NONZEROS = 262144
 # (input_parts) to bring each under FUNCTION_NONZEROS: nvcc's front end (cicc) and ptxas are superlinear in a
 # function's size. ResNet-50's layer4 downsample (1x1 stride 2, 209k nonzeros at 90%) was one function at
 # batch 32 (7x7 outputs: every group is needed to fill the GPU, so kernel_parts cannot cut it), and cicc ran
-# 25 minutes on it before it was stopped; the same layer's 3x3 conv, cut in 4 launches of 59k, took 189 s.
+# 16 minutes on it before it was stopped; the same layer's 3x3 conv, cut in 4 launches of 59k, took 189 s.
 # Only at batch >= LARGE_BATCH: at batch 1 vgg16.conv4_2 (236k, 16 channels per thread) compiled in 234 s as
 # one function and was measured that way (docs/bench/b1_final_conv4_2); cutting it is not measured.
 FUNCTION_NONZEROS = 1 << 16
@@ -479,7 +479,8 @@ class _GroupSize:
 
 def largest_launch_nonzeros(spec: ConvSpec, weight: SparseConvWeight, k: SpecializedKnobs,
                             kernel_nonzeros: int | None = None, fill_warps: int = WARPS_TO_FILL) -> int:
-    """Nonzeros in the largest kernel function these knobs make (what cicc and ptxas pay for at once)."""
+    """Nonzeros in the largest kernel function these knobs make (what cicc and ptxas pay for at once): exact
+    over the output-channel parts, then divided evenly by input_parts (the pieces cut chunks, not nonzeros)."""
     rows = weight.row_lengths()
     kg = weight.K // weight.groups
     sizes = [_GroupSize(int(rows[first:min(first + k.channels_per_thread, g0 + kg)].sum()))

@@ -259,7 +259,7 @@ def test_largest_launch_nonzeros_matches_the_kernels_it_emits(cuda_target, rng):
 
 
 def test_defaults_cut_a_huge_function_at_large_batch_only(rng):
-    """ResNet-50's layer4 downsample at batch 32 would be one 209k-nonzero function (cicc ran 25 minutes on
+    """ResNet-50's layer4 downsample at batch 32 would be one 209k-nonzero function (cicc ran 16 minutes on
     it): the defaults cut its input channels until each launch is under FUNCTION_NONZEROS."""
     from schedules.cuda_specialized import FUNCTION_NONZEROS, largest_launch_nonzeros
 
