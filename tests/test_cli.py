@@ -230,3 +230,15 @@ def test_kernel_choices_match_the_pass():
     compile_parser = build_parser()._subparsers._group_actions[0].choices["compile"]
     kernel = next(a for a in compile_parser._actions if a.dest == "kernel")
     assert tuple(kernel.choices) == tuple(KERNELS)
+
+
+def test_compile_takes_the_specialized_budget_and_jobs(cnn_file, tmp_path, capsys):
+    _, path = cnn_file
+    so = tmp_path / "cnn.so"
+    assert main(["compile", str(path), "-o", str(so), "--target", "llvm", "--kernel", "specialized",
+                 "--specialized-budget", "0", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "6 conv2d: 5 sparse, 1 dense" in out and "specialised-kernel budget (0 nonzeros left)" in out, out
+    for bad in (["--specialized-budget", "-1"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit):
+            main(["compile", str(path), "-o", str(so), *bad])
