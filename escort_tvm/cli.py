@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-log", metavar="FILE", help="knob settings from a tuning run (JSON lines)")
     p.add_argument("--specialized-budget", type=_nonneg_int, metavar="N",
                    help="nonzeros the build may compile into specialised kernels (default 2^22: all of a 90%%-pruned "
-                        "ResNet-50, 13-16 minutes on 2 cores at batch 32; 2^20 builds it in 3.5)")
+                        "ResNet-50, 13-22 minutes on 2 cores at batch 32; 2^20 builds it in 3.5)")
     p.add_argument("--jobs", type=_positive_int, metavar="N",
                    help="specialised kernels compiled side by side (default: one per core, as memory allows)")
     p.set_defaults(func=cmd_compile)

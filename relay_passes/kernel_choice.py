@@ -16,7 +16,7 @@ from escort_tvm.sparse_format import SparseConvWeight
 KERNELS = ("auto", "sparse", "specialized", "dense")
 # Nonzeros per build that may go to specialised kernels: each costs ~0.3-0.7 ms of compile time on the
 # 2-core build machine (ptxas; two kernels built at a time). 2^22 takes all of a 90%-pruned ResNet-50
-# (2.35M): 788-941 s to build at batch 32, 4.91 ms on the H200 against 6.40 ms for the old 2^20, which left
+# (2.35M): 788-1326 s to build at batch 32, 4.91 ms on the H200 against 6.40 ms for the old 2^20, which left
 # layer4 on the CSR kernel (PyTorch TF32: 5.29 ms; docs/bench/e2e5, docs/notes/specialized-codegen.md v10).
 DEFAULT_SPECIALIZED_BUDGET = 1 << 22
 @dataclass
