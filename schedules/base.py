@@ -16,6 +16,10 @@ from escort_tvm.compute import Epilogue
 from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
+# The batch from which the CUDA rules make their large-batch choices (all measured at batch 32); batches
+# 2-15 were not measured and take the batch-1 choices.
+LARGE_BATCH = 16
+
 
 @dataclass(frozen=True)
 class Knobs:

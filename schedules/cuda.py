@@ -24,7 +24,7 @@ from escort_tvm.compute import Epilogue, drop_unused_residual
 from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
-from .base import KernelPlan, Knobs, SparseConvRule, csr_arrays
+from .base import LARGE_BATCH, KernelPlan, Knobs, SparseConvRule, csr_arrays
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,6 @@ class CUDAKnobs(Knobs):
 # so the rule applies from batch 16 only.
 MIN_SPARSITY_LARGE_OUTPUT = 0.85
 LARGE_OUTPUT_PIXELS = 28 * 28
-LARGE_BATCH = 16
 
 
 def _pow2_at_least(n: int) -> int:

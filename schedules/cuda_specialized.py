@@ -29,7 +29,7 @@ from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
 from . import ptx_taps, work_queue
-from .base import KernelPlan, Knobs, SparseConvRule
+from .base import LARGE_BATCH, KernelPlan, Knobs, SparseConvRule
 from .unrolled import ChannelGroup, unrolled_program
 
 SHARED_LIMIT = 48 * 1024  # static shared memory per block without opt-in
@@ -62,7 +62,6 @@ FUNCTION_NONZEROS = 1 << 16
 # resnet50.l3.3x3 22.2 vs 24.5) for 1.5-4 minutes of ptxas each, which a ResNet-50 build would pay six
 # times: those stay on CSR. Batches 2-15 were not measured; they take the batch-1 rule.
 SMALL_BATCH_MAX_NONZEROS = 32768
-LARGE_BATCH = 16
 LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 
 
