@@ -315,13 +315,6 @@ def _nonneg_int(s):
     return v
 
 
-def _positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
-    return v
-
-
 def _nonneg_float(s):
     v = float(s)
     if not v >= 0:
@@ -390,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specialized-budget", type=_nonneg_int, metavar="N",
                    help="nonzeros the build may compile into specialised kernels (default 2^22: all of a 90%%-pruned "
                         "ResNet-50, 13-22 minutes on 2 cores at batch 32; 2^20 builds it in 3.5)")
-    p.add_argument("--jobs", type=_positive_int, metavar="N",
+    p.add_argument("--jobs", type=_pos_int, metavar="N",
                    help="specialised kernels compiled side by side (default: one per core, as memory allows)")
     p.set_defaults(func=cmd_compile)
 

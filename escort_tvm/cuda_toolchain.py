@@ -77,7 +77,7 @@ def _compile_with_size_compression(code):
     from tvm.support import nvcc
 
     if os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc").lower() != "nvcc":
-        return nvcc.compile_cuda(code, target_format="cubin", compiler="nvrtc")
+        return nvcc.tvm_callback_cuda_compile(code)  # TVM's own callback (NVRTC makes a cubin: nothing to pack)
     return nvcc.compile_cuda(code, target_format="fatbin", compiler="nvcc", options=[FATBIN_COMPRESSION])
 
 

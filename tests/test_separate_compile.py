@@ -15,7 +15,7 @@ from escort_tvm.compiler import bind_params
 from escort_tvm.separate_compile import compile_each, split_out
 from relay_passes import rewrite_sparse_convs
 from relay_passes.sparse_conv_rewrite import conv_weight_names
-from _helpers import assert_close, onnx_model, ort_reference, pruned, randn
+from _helpers import all_modules, assert_close, onnx_model, ort_reference, pruned, randn
 
 
 def _two_convs(rng):
@@ -23,12 +23,6 @@ def _two_convs(rng):
     nodes = [helper.make_node("Conv", ["x", "w0"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("Conv", ["r", "w1"], ["y"])]
     return onnx_model(nodes, [("x", [2, 4, 7, 6])], [("y", [2, 6, 7, 6])], {"w0": w0, "w1": w1}), w0
-
-
-def _all(mod):
-    yield mod
-    for m in mod.imports:
-        yield from _all(m)
 
 
 def test_specialized_kernel_built_apart_runs_exports_and_reports_its_compile_time(rng, tmp_path):
@@ -40,7 +34,7 @@ def test_specialized_kernel_built_apart_runs_exports_and_reports_its_compile_tim
     assert (r0.kernel, r1.kernel) == ("specialized", "sparse"), built.report_text()
     assert r0.compile_s is not None and r0.compile_s > 0 and r1.compile_s is None
     assert "built in" in r0.line() and "built in" not in r1.line()
-    owners = [m for m in _all(built.executable.mod) if m.implements_function(r0.function, False)]
+    owners = [m for m in all_modules(built.executable.mod) if m.implements_function(r0.function, False)]
     assert owners and not any(m.implements_function(r1.function, False) for m in owners), \
         "the specialised kernel should live in a module of its own, not with the CSR kernel"
     x = randn(rng, (2, 4, 7, 6))
