@@ -350,8 +350,38 @@ def _env(torch, device_kind: str) -> dict:
     return info
 
 
+def op_times(vm, args, dev, runs: int = 5) -> list[dict]:
+    """Wall time of each VM call (a kernel, a packed function such as a specialised conv, a builtin), summed per
+    symbol and averaged over ``runs`` calls of ``main`` after one warm-up. The device is synchronised before
+    and after every call, so a call's time includes ~10 us of sync and launch overhead: this says where the
+    time goes, it is not the network's latency (that is the timed median)."""
+    totals: dict[str, list] = {}
+    start = [0.0]
+
+    def instrument(func, symbol, before_run, ret_value, *call_args):
+        dev.sync()
+        now = time.perf_counter()
+        if before_run:
+            start[0] = now
+        else:
+            t = totals.setdefault(str(symbol), [0.0, 0])
+            t[0] += now - start[0]
+            t[1] += 1
+        return 0  # VMInstrumentReturnKind: run the call as usual
+
+    vm["main"](*args)
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            vm["main"](*args)
+    finally:
+        vm.set_instrument(None)
+    rows = [{"symbol": k, "ms": 1e3 * v[0] / runs, "calls": v[1] // runs} for k, v in totals.items()]
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
 def measure_dir(d: Path, warmup: int, number: int, repeat: int, use_torch: bool,
-                budget_s: float = 6.0) -> tuple[list[dict], dict]:
+                budget_s: float = 6.0, with_op_times: bool = False) -> tuple[list[dict], dict]:
     import escort_tvm
     from escort_tvm import zoo
 
@@ -428,6 +458,11 @@ def measure_dir(d: Path, warmup: int, number: int, repeat: int, use_torch: bool,
                 row["skipped"][label] = f"output mismatch ({row['errors'][label]:.2e})"
                 continue
             row["times_ms"][label] = timer.tvm(label, model, args, warmup, number, repeat)
+            if with_op_times:
+                ops = op_times(model._vm, args, model.device)
+                row.setdefault("op_ms", {})[label] = ops
+                log(f"{man['model']} batch {batch}: {label} per call (synchronised): "
+                    + ", ".join(f"{o['symbol']} {o['ms']:.3f}" for o in ops[:12]))
         if torch is not None:
             if row["errors"]["PyTorch"] < TOL:
                 with torch.inference_mode():
@@ -512,7 +547,7 @@ def cmd_measure(a) -> int:
         if not subdirs:
             raise SystemExit(f"no manifest.json in {d} or its subfolders: run prepare first")
         for sd in subdirs:
-            r, env = measure_dir(sd, a.warmup, a.number, a.repeat, not a.no_torch, a.budget_s)
+            r, env = measure_dir(sd, a.warmup, a.number, a.repeat, not a.no_torch, a.budget_s, a.op_times)
             rows += r
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -577,6 +612,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=6.0,
                    help="about how long one implementation's timing may take; counts shrink to fit (default 6)")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--op-times", action="store_true",
+                   help="also time each VM call of our builds (synchronised; written to e2e.json as op_ms)")
     p.set_defaults(func=cmd_measure)
     p = sub.add_parser("report", help="merge e2e.json files of several measure runs into one table")
     p.add_argument("results", nargs="+")

@@ -40,7 +40,8 @@ def test_prepare_writes_small_libraries_and_manifest(prepared):
 def test_measure_runtime_only(prepared, repo_root, runtime_env, tmp_path):
     bench_e2e, out = prepared
     proc = subprocess.run([sys.executable, str(repo_root / "scripts" / "bench_e2e.py"), "measure", "--dir", str(out),
-                           "--out", str(tmp_path), "--no-torch", "--warmup", "1", "--number", "1", "--repeat", "2"],
+                           "--out", str(tmp_path), "--no-torch", "--warmup", "1", "--number", "1", "--repeat", "2",
+                           "--op-times"],
                           env=runtime_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "e2e.json").read_text())
@@ -49,6 +50,12 @@ def test_measure_runtime_only(prepared, repo_root, runtime_env, tmp_path):
     assert row["reference"] == "onnxruntime fp32 (prepared)"
     assert row["errors"]["escort-tvm"] < 1e-4 and row["errors"]["TVM dense"] < 1e-4
     assert set(row["median_ms"]) == {"escort-tvm", "TVM dense"} and all(len(v) == 2 for v in row["times_ms"].values())
+    # --op-times: every VM call of our build, per symbol (CSR convs of one shape share a function): the 52
+    # sparse convs are 52 calls per run
+    ops = row["op_ms"]["escort-tvm"]
+    sparse = [o for o in ops if o["symbol"].startswith("escort_sparse_conv")]
+    assert sum(o["calls"] for o in sparse) == 52 and all(o["ms"] > 0 for o in sparse), ops[:5]
+    assert [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
     md = (tmp_path / "e2e.md").read_text()
     assert "| resnet50 | 2 | 0 / 52 / 1 |" in md  # llvm: CSR on every pruned conv, the stem dense
     merged = tmp_path / "merged.md"

@@ -16,7 +16,7 @@ from escort_tvm import ConvSpec, Epilogue, SparseConvWeight
 from escort_tvm.cuda_toolchain import carries_gpu_binary
 from escort_tvm.models import small_pruned_cnn
 from schedules import CUDAKnobs, SparseConvCUDA, SpecializedCUDA
-from _helpers import CONV_CASES, GLOBAL_FN, cuda_source, func_name, knob_cover, pruned, randn
+from _helpers import CONV_CASES, GLOBAL_FN, all_modules, cuda_source, func_name, knob_cover, pruned, randn
 
 
 def _has_gpu():
@@ -37,23 +37,17 @@ def test_cuda_build_compiles_every_sparse_kernel_for_the_device(cuda_cnn):
     sparse = [r for r in rep if r.kernel != "dense"]
     assert [r.index for r in sparse] == [1, 2, 3, 4, 5], built.report_text()
     assert all(r.schedule.startswith(SpecializedCUDA.name) and r.kernel == "specialized" for r in sparse)  # auto: all fit
-    kinds = [m.kind for m in _modules(built.executable.mod)]
+    kinds = [m.kind for m in all_modules(built.executable.mod)]
     assert "cuda" in kinds
     globals_ = set(re.findall(GLOBAL_FN, cuda_source(built.executable)))
     for r in sparse:
         assert f"escort_sparse_conv{r.index}_kernel" in globals_, sorted(globals_)
     assert "escort_sparse_conv0_kernel" not in globals_  # the dense stem has no sparse kernel
     # each specialised kernel went through nvcc alone (escort_tvm.separate_compile): one CUDA module each
-    per_module = [set(re.findall(GLOBAL_FN, m.inspect_source())) for m in _modules(built.executable.mod)
+    per_module = [set(re.findall(GLOBAL_FN, m.inspect_source())) for m in all_modules(built.executable.mod)
                   if m.kind == "cuda"]
     for r in sparse:
         assert {f"escort_sparse_conv{r.index}_kernel"} in per_module, per_module
-
-
-def _modules(mod):
-    yield mod
-    for m in mod.imports:
-        yield from _modules(m)
 
 
 def test_cuda_export_embeds_fatbin_not_source(cuda_cnn, tmp_path):
@@ -157,7 +151,7 @@ def _compile_and_check(target, rng, spec, sparsity, knobs, relu):
         lib = tvm.compile(plan.func, target=target)
     kernels = re.findall(GLOBAL_FN, cuda_source(lib))
     assert f"{func_name(plan.func)}_kernel" in kernels, kernels
-    host = [m for m in _modules(lib.mod) if m.kind == "llvm"]
+    host = [m for m in all_modules(lib.mod) if m.kind == "llvm"]
     assert host, "no host module"
     return lib
 
