@@ -10,6 +10,7 @@ from tvm import relax
 
 from relay_passes import rewrite_sparse_convs
 from relay_passes.sparse_conv_rewrite import conv_weight_names
+from relay_passes.split_k import MatmulSplit, split_k_matmuls
 
 from .report import ConvReport, format_report
 from .runtime import METADATA_FUNC, Model, _all_modules
@@ -109,18 +110,21 @@ class CompiledModel(Model):
         return path
 
     def report_text(self) -> str:
-        return format_report(self.report)
+        lines = [format_report(self.report)]
+        lines += [MatmulSplit(**m).line() for m in self.meta.get("matmuls", [])]
+        return "\n".join(lines)
 
 
 def build(mod: tvm.IRModule, params: dict | None = None, target=None, *, min_sparsity: float = 0.7,
           tuning_log=None, kernel: str = "auto", specialized_budget: int | None = None,
-          jobs: int | None = None) -> CompiledModel:
+          jobs: int | None = None, split_matmuls: bool = True) -> CompiledModel:
     """Compile a Relax module; every constant conv2d weight with sparsity >= min_sparsity gets a sparse kernel.
 
     ``kernel``: "auto" (a tuning log's fastest, else the cost rule of relay_passes.kernel_choice),
     or force "sparse" (CSR), "specialized" (weights in the code; falls back to CSR where it cannot)
     or "dense". The report says per conv which kernel it got and why. ``jobs``: specialised kernels
-    compiled side by side (default: one per core).
+    compiled side by side (default: one per core). ``split_matmuls``: on CUDA, small-batch dense layers
+    (matmul) get their reduction split across blocks (relay_passes.split_k); the report lists each matmul.
     """
     if not isinstance(mod, tvm.IRModule) or "main" not in [g.name_hint for g in mod.get_global_vars()]:
         raise TypeError("build expects a Relax IRModule with a 'main' function (see escort_tvm.from_onnx)")
@@ -136,12 +140,16 @@ def build(mod: tvm.IRModule, params: dict | None = None, target=None, *, min_spa
     mod = relax.transform.FoldConstant()(mod)
     mod, report = rewrite_sparse_convs(mod, target, min_sparsity, None, names, kernel=kernel, tuning_log=log,
                                        specialized_budget=specialized_budget)
+    matmuls = []
     if target.kind.name == "cuda":
         from .cuda_toolchain import prepare_cuda_build
 
         prepare_cuda_build()
+        if split_matmuls:
+            mod, matmuls = split_k_matmuls(mod)
     mod = _compile_specialized_apart(mod, report, target, jobs)
-    meta = {"inputs": signature, "target": str(target.kind.name), "report": [r.as_dict() for r in report]}
+    meta = {"inputs": signature, "target": str(target.kind.name), "report": [r.as_dict() for r in report],
+            "matmuls": [m.as_dict() for m in matmuls]}
     mod[METADATA_FUNC] = _metadata_func(meta)
     with target:
         ex = tvm.compile(mod, target=target)
