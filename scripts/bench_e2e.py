@@ -585,7 +585,7 @@ def cmd_prepare(a) -> int:
     if unknown:
         raise SystemExit(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
     prepare(Path(a.out), models, [int(b) for b in a.batches.split(",")], a.image_size, a.sparsity, a.seed, target,
-            build_options=json.loads(a.build_options) if a.build_options else None)
+            min_sparsity=a.min_sparsity, build_options=json.loads(a.build_options) if a.build_options else None)
     return 0
 
 
@@ -600,6 +600,8 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", default='{"kind": "cuda", "arch": "sm_90"}')
+    p.add_argument("--min-sparsity", type=float, default=0.7,
+                   help="our build's min_sparsity (0: every conv, the dense stem too, is a sparse-kernel candidate)")
     p.add_argument("--build-options", metavar="JSON",
                    help='extra escort_tvm.build arguments for our build, e.g. \'{"kernel": "sparse"}\'')
     p.set_defaults(func=cmd_prepare)
