@@ -99,3 +99,20 @@ def test_cuda_build_splits_the_classifier_and_reports_it(rng, tmp_path):
     assert cpu.meta["matmuls"] == []
     x = randn(rng, (N, C, HW, HW))
     assert_close(cpu(x), ort_reference(model, {"x": x}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_kind", ["input", "constant"])
+def test_split_matmul_on_the_gpu_matches_float64(weight_kind, rng, cuda_target):
+    """The same rewrite run by dlight's CUDA schedules (the whole-network benchmarks also check it, vs torchvision)."""
+    M, K, N = 32, 4096, 1000
+    x, w, b = randn(rng, (M, K)), randn(rng, (K, N)), randn(rng, (N,))
+    new, seen = split_k_matmuls(_matmul_module(M, K, N, w if weight_kind == "constant" else None))
+    assert seen[0].split == 16
+    with cuda_target:
+        ex = tvm.compile(new, target=cuda_target)
+    dev = tvm.cuda(0)
+    vm = relax.VirtualMachine(ex, dev)
+    args = [x] + ([w] if weight_kind == "input" else []) + [b]
+    out = vm["main"](*[tvm.runtime.tensor(a, dev) for a in args]).numpy()
+    assert_close(out, np.maximum(x.astype(np.float64) @ w.astype(np.float64) + b, 0.0))
