@@ -14,11 +14,11 @@ __version__ = "0.1.0"
 
 
 def build(mod, params=None, target=None, *, min_sparsity=0.7, tuning_log=None, kernel="auto",
-          specialized_budget=None, jobs=None):
+          specialized_budget=None, jobs=None, split_matmuls=True):
     from .compiler import build as _build
 
     return _build(mod, params, target, min_sparsity=min_sparsity, tuning_log=tuning_log, kernel=kernel,
-                  specialized_budget=specialized_budget, jobs=jobs)
+                  specialized_budget=specialized_budget, jobs=jobs, split_matmuls=split_matmuls)
 
 
 build.__doc__ = """Compile a Relax module; every conv2d whose weight is a constant with sparsity >= min_sparsity
@@ -29,7 +29,9 @@ fastest, else the cost rule in relay_passes.kernel_choice), or force "sparse" (C
 GPU is visible, else llvm), "llvm", "cuda", a dict or a tvm.target.Target. ``specialized_budget``: nonzeros
 the build may compile into specialised kernels (None: relay_passes.kernel_choice.DEFAULT_SPECIALIZED_BUDGET);
 past it a conv takes the CSR kernel and the report says so. ``jobs``: specialised kernels compiled side by
-side, each in its own nvcc call (None: one per core); the report gives each kernel's compile seconds."""
+side, each in its own nvcc call (None: one per core); the report gives each kernel's compile seconds.
+``split_matmuls``: on CUDA, split the reduction of small-batch dense layers (matmul) across thread blocks
+(relay_passes.split_k; TVM's default schedule leaves most of the GPU idle there); the report lists them."""
 
 
 def from_onnx(model_or_path, shape_dict=None):
