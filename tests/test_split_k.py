@@ -94,6 +94,8 @@ def test_cuda_build_splits_the_classifier_and_reports_it(rng, tmp_path):
     assert "matmul 32x2048 @ 2048x1000: split K in 8" in built.report_text()
     kernels = set(re.findall(GLOBAL_FN, cuda_source(built.executable)))
     assert any("matmul" in k for k in kernels) and any("sum" in k for k in kernels), kernels
+    kept = escort_tvm.build(mod, params, {"kind": "cuda", "arch": "sm_90"}, kernel="sparse", split_matmuls=False)
+    assert kept.meta["matmuls"] == [] and "matmul" not in kept.report_text()
     # the same model on llvm is not split (the pass is for CUDA's dlight schedules) and matches onnxruntime
     cpu = escort_tvm.build(mod, params, "llvm")
     assert cpu.meta["matmuls"] == []
