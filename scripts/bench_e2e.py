@@ -218,7 +218,7 @@ def prepare_case(d: Path, name, batch, image_size, sparsity, seed, target, weigh
             "runtime_inputs": rt_inputs, "signature": [[n, list(s), dt] for n, s, dt in built.inputs],
             "sparse_convs": sum(r.kernel != "dense" for r in built.report), "convs": len(built.report),
             "kernels": {k: sum(r.kernel == k for r in built.report) for k in sorted({r.kernel for r in built.report})},
-            "report": [r.as_dict() for r in built.report]}
+            "report": [r.as_dict() for r in built.report], "matmuls": built.meta.get("matmuls", [])}
         log(f"{name} batch {batch}: {label}: {path.stat().st_size / 1e6:.1f} MB, built in {build_s:.0f} s")
     return case
 
