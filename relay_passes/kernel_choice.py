@@ -64,16 +64,27 @@ class KernelChooser:
             self.budget -= weight.nnz
         return plan, None
 
-    def plan(self, spec: ConvSpec, weight: SparseConvWeight, epilogue) -> tuple[object | None, list[str]]:
-        """(KernelPlan, notes), or (None, [reason]) when the conv should stay dense."""
+    def takes_dense(self, spec: ConvSpec, weight: SparseConvWeight) -> str | None:
+        """The kernel kind that the automatic choice gives a conv below min_sparsity, if a rule claims it
+        (``takes_dense``: measured faster than TVM's dense schedule there), else None."""
+        if self.kernel != "auto":
+            return None
+        return next((k for k, r in self.rules.items() if getattr(r, "in_auto", True) and r.takes_dense(spec, weight)),
+                    None)
+
+    def plan(self, spec: ConvSpec, weight: SparseConvWeight, epilogue,
+             only: str | None = None) -> tuple[object | None, list[str]]:
+        """(KernelPlan, notes), or (None, [reason]) when the conv should stay dense. ``only``: that kernel kind
+        or dense (a conv a rule claimed through ``takes_dense``: no other sparse kernel would beat dense)."""
         if self.kernel == "dense":
             return None, ["kernel='dense' was requested"]
         notes = []
         if self.kernel == "auto":  # rules may opt out of the automatic choice until measured (in_auto)
-            order = [k for k in ("specialized", "sparse") if k in self.rules and getattr(self.rules[k], "in_auto", True)]
+            order = [k for k in ("specialized", "sparse") if k in self.rules and getattr(self.rules[k], "in_auto", True)
+                     and only in (None, k)]
         else:
             order = list(dict.fromkeys([self.kernel, "sparse"]))  # a forced kernel falls back to CSR
-        if self.kernel == "auto" and self.log is not None:
+        if self.kernel == "auto" and self.log is not None and only is None:
             best = self.log.best(spec, weight, [r.name for r in self.rules.values()])
             if best is not None:
                 kind = next(k for k, r in self.rules.items() if r.name == best[0])

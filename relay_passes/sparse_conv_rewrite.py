@@ -311,14 +311,22 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
         if spec is None:
             entry.reason = why
             continue
+        claim = None
         if sparsity < min_sparsity:
-            entry.reason = f"sparsity {sparsity:.4f} is below min_sparsity {min_sparsity:.4g}"
-            continue
-        epilogue = Epilogue(relu=chain.relu, residual=chain.residual is not None)
+            # a rule may claim a dense conv it runs faster than TVM's dense schedule (a stem), unless the
+            # build keeps every conv dense (min_sparsity > 1)
+            if chooser is not None and min_sparsity <= 1.0:
+                claim = chooser.takes_dense(spec, SparseConvWeight.from_dense(w, spec.groups))
+            if claim is None:
+                entry.reason = f"sparsity {sparsity:.4f} is below min_sparsity {min_sparsity:.4g}"
+                continue
+            entry.notes.append(f"below min_sparsity {min_sparsity:.4g}, but the {claim} kernel takes it (the rule's "
+                               "takes_dense: faster than TVM's dense schedule)")
         weight_fmt = SparseConvWeight.from_dense(w, spec.groups)
+        epilogue = Epilogue(relu=chain.relu, residual=chain.residual is not None)
         plan, kind = None, "sparse"
         if chooser is not None:
-            plan, notes = chooser.plan(spec, weight_fmt, epilogue)
+            plan, notes = chooser.plan(spec, weight_fmt, epilogue, only=claim)
             if plan is None:
                 entry.reason = "; ".join(notes) or "no sparse kernel takes this conv"
                 continue

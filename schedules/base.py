@@ -110,6 +110,11 @@ class SparseConvRule:
         is not subject to it."""
         return None
 
+    def takes_dense(self, spec: ConvSpec, weight: SparseConvWeight) -> bool:
+        """Whether the automatic choice should give this kernel a conv below min_sparsity (dense or nearly):
+        only where it measured faster than TVM's default dense schedule for such a conv."""
+        return False
+
     def apply(self, spec: ConvSpec, weight: SparseConvWeight, epilogue: Epilogue,
               knobs: Knobs | None = None) -> KernelPlan:
         raise NotImplementedError

@@ -292,6 +292,13 @@ class SpecializedCUDA(SparseConvRule):
                 f"{spec.OH}x{spec.OW} outputs runs faster on the CSR kernel (or not enough faster specialised to "
                 f"pay for its compile time)")
 
+    def takes_dense(self, spec: ConvSpec, weight: SparseConvWeight) -> bool:
+        """A network's dense stem (at most 4 input channels: the image) at batch >= 16. Every tap then feeds all
+        32 channels of a thread, and TVM's default dense conv2d schedule is untuned (H200, batch 32, per call,
+        docs/bench/e2e7: AlexNet's conv1 0.303 -> 0.252 ms, GoogLeNet's 7x7 stride-2 conv1 0.529 -> 0.213 ms)."""
+        return (spec.N >= LARGE_BATCH and spec.C <= 4 and spec.groups == 1
+                and weight.nnz <= SMALL_BATCH_MAX_NONZEROS)
+
     @staticmethod
     def _fill(spec: ConvSpec, base: SpecializedKnobs, reuse: bool) -> tuple[int, int]:
         """(channels_per_thread, channel_split): enough warps to fill the GPU (132 SMs x 16), with as many

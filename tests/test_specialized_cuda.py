@@ -270,3 +270,45 @@ def test_defaults_cut_a_huge_function_at_large_batch_only(rng):
     assert largest_launch_nonzeros(ds32, w, knobs.with_(input_parts=1)) > 2 * FUNCTION_NONZEROS
     ds1 = ConvSpec(N=1, C=1024, H=14, W=14, K=2048, KH=1, KW=1, stride=(2, 2))
     assert RULE.default_knobs(ds1, w).input_parts == 1  # batch 1 was measured uncut (vgg16.conv4_2)
+
+
+def _stem_model(rng, batch, sparse_next=True):
+    """A dense 3-channel stem (7x7 stride 2, as ResNet-50's and GoogLeNet's) then a 90%-pruned 3x3 conv."""
+    from onnx import helper
+
+    from _helpers import onnx_model
+
+    stem = randn(rng, (16, 3, 7, 7))
+    nxt = pruned(rng, (16, 16, 3, 3), 0.9 if sparse_next else 0.0)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], strides=[2, 2], pads=[3, 3, 3, 3]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w1"], ["y"], pads=[1, 1, 1, 1])]
+    return onnx_model(nodes, [("x", [batch, 3, 16, 16])], [("y", [batch, 16, 8, 8])], {"w0": stem, "w1": nxt})
+
+
+@pytest.mark.parametrize("batch, options, stem", [
+    (16, {}, "specialized"),  # batch >= 16: the rule's takes_dense claims the dense stem
+    (2, {}, "dense"),  # small batch: not measured, so TVM's dense conv
+    (16, {"min_sparsity": 2.0}, "dense"),  # "keep every conv dense" wins over the claim
+    (16, {"kernel": "sparse"}, "dense"),  # a forced kernel: only convs past min_sparsity get it
+])
+def test_dense_stem_is_claimed_only_where_measured(rng, batch, options, stem):
+    import escort_tvm
+
+    mod, params = escort_tvm.from_onnx(_stem_model(rng, batch))
+    built = escort_tvm.build(mod, params, {"kind": "cuda", "arch": "sm_90"}, **options)
+    r0 = built.report[0]
+    assert r0.sparsity == 0.0 and r0.kernel == stem, built.report_text()
+    if stem == "specialized":
+        assert r0.fused == ["relu"] and any("takes_dense" in n for n in r0.notes), r0.notes
+        assert f"{r0.function}_kernel" in cuda_source(built.executable)
+    else:
+        assert "below min_sparsity" in r0.reason and not r0.notes, built.report_text()
+
+
+def test_dense_stem_claim_needs_few_input_channels():
+    dense = SparseConvWeight.from_dense(np.ones((16, 3, 7, 7), np.float32))
+    wide = SparseConvWeight.from_dense(np.ones((16, 8, 3, 3), np.float32))
+    assert RULE.takes_dense(ConvSpec(N=32, C=3, H=224, W=224, K=16, KH=7, KW=7, stride=(2, 2), pad=(3,) * 4), dense)
+    assert not RULE.takes_dense(ConvSpec(N=32, C=8, H=56, W=56, K=16, KH=3, KW=3, pad=(1,) * 4), wide)
+    assert not RULE.takes_dense(ConvSpec(N=8, C=3, H=224, W=224, K=16, KH=7, KW=7, stride=(2, 2), pad=(3,) * 4), dense)
