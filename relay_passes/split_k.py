@@ -69,8 +69,9 @@ def _float32_2d(expr) -> tuple[int, int] | None:
 
 @relax.expr_functor.mutator
 class _SplitK(relax.PyExprMutator):
-    def __init__(self, mod):
+    def __init__(self, mod, choose):
         super().__init__(mod)
+        self.choose = choose
         self.seen: list[MatmulSplit] = []
 
     def visit_call_(self, call):
@@ -81,7 +82,7 @@ class _SplitK(relax.PyExprMutator):
         if a is None or b is None or a[1] != b[0]:
             return call
         (M, K), N = a, b[1]
-        s, reason = choose_split(M, K, N)
+        s, reason = self.choose(M, K, N)
         self.seen.append(MatmulSplit((M, K, N), s, reason))
         if s == 1:
             return call
@@ -92,10 +93,12 @@ class _SplitK(relax.PyExprMutator):
         return relax.op.sum(part, axis=[0])
 
 
-def split_k_matmuls(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRModule, list[MatmulSplit]]:
+def split_k_matmuls(mod: tvm.IRModule, func_name: str = "main",
+                    choose=choose_split) -> tuple[tvm.IRModule, list[MatmulSplit]]:
     """Rewrite every float32 2-D matmul of ``mod[func_name]`` that leaves the GPU idle; returns the module and
-    what was done to each matmul."""
-    mutator = _SplitK(mod)
+    what was done to each matmul. ``choose(M, K, N) -> (S, reason)`` picks the split (scripts/bench_matmul.py
+    sweeps it)."""
+    mutator = _SplitK(mod, choose)
     new_func = mutator.visit_expr(mod[func_name])
     if not any(m.split > 1 for m in mutator.seen):
         return mod, mutator.seen

@@ -118,3 +118,19 @@ def test_split_matmul_on_the_gpu_matches_float64(weight_kind, rng, cuda_target):
     args = [x] + ([w] if weight_kind == "input" else []) + [b]
     out = vm["main"](*[tvm.runtime.tensor(a, dev) for a in args]).numpy()
     assert_close(out, np.maximum(x.astype(np.float64) @ w.astype(np.float64) + b, 0.0))
+
+
+def test_bench_matmul_prepares_every_split(repo_root, tmp_path, monkeypatch):
+    """scripts/bench_matmul.py: one CUDA library per valid split (and S = 1, TVM as it is), the default marked."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(repo_root / "scripts"))
+    import bench_matmul
+
+    monkeypatch.setattr(bench_matmul, "SHAPES", (("fc", 32, 1024, 1000),))
+    assert bench_matmul.main(["prepare", "--out", str(tmp_path)]) == 0
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert [e["split"] for e in man["shapes"]] == [1, 4, 8, 16]  # 1024 / 16 = 64, the shortest slice swept
+    assert [e["split"] for e in man["shapes"] if e["default"]] == [choose_split(32, 1024, 1000)[0]]
+    assert all((tmp_path / e["file"]).stat().st_size > 0 for e in man["shapes"])
