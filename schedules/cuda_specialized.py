@@ -295,7 +295,8 @@ class SpecializedCUDA(SparseConvRule):
     def takes_dense(self, spec: ConvSpec, weight: SparseConvWeight) -> bool:
         """A network's dense stem (at most 4 input channels: the image) at batch >= 16. Every tap then feeds all
         32 channels of a thread, and TVM's default dense conv2d schedule is untuned (H200, batch 32, per call,
-        docs/bench/e2e7: AlexNet's conv1 0.303 -> 0.252 ms, GoogLeNet's 7x7 stride-2 conv1 0.529 -> 0.213 ms)."""
+        docs/bench/e2e7 and e2e8: AlexNet's 11x11 stride-4 conv1 0.303 -> 0.252 ms, GoogLeNet's and ResNet-50's
+        7x7 stride-2 conv1 0.529 -> 0.213 / 0.215 ms, VGG-16's 3x3 conv1_1 0.558 -> 0.157 ms)."""
         return (spec.N >= LARGE_BATCH and spec.C <= 4 and spec.groups == 1
                 and weight.nnz <= SMALL_BATCH_MAX_NONZEROS)
 
