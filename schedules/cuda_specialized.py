@@ -50,8 +50,10 @@ MAX_NONZEROS = 262144
 # function's size. ResNet-50's layer4 downsample (1x1 stride 2, 209k nonzeros at 90%) was one function at
 # batch 32 (7x7 outputs: every group is needed to fill the GPU, so kernel_parts cannot cut it), and cicc ran
 # 16 minutes on it before it was stopped; the same layer's 3x3 conv, cut in 4 launches of 59k, took 189 s.
-# Only at batch >= LARGE_BATCH: at batch 1 vgg16.conv4_2 (236k, 16 channels per thread) compiled in 234 s as
-# one function and was measured that way (docs/bench/b1_final_conv4_2); cutting it is not measured.
+# At batch 8 the same downsample as one function ran cicc 19 minutes before it was stopped (the 236k 3x3
+# layers there: 200-311 s each as one function, docs/bench/b8; 425 s at batch 4), so the cut applies from
+# ALL_LAYERS_BATCH (below), where every layer becomes a candidate. Not at batch 1, where vgg16.conv4_2 (236k, 16 channels per thread)
+# compiled in 234 s as one function and was measured that way (docs/bench/b1_final_conv4_2).
 FUNCTION_NONZEROS = 1 << 16
 # Where the specialised kernel pays (H200, docs/benchmarks.md): at batch 32 it beat the CSR kernel on
 # all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros. Larger layers at batch
@@ -60,8 +62,14 @@ FUNCTION_NONZEROS = 1 << 16
 # 56x56 outputs) 72.9 vs 177.5 us on CSR + pad, vgg16.conv4_2 (235930, 28x28) 70.5 vs 186.8 us (234 s
 # of compile). On 13x13/14x14 outputs it is only 10% faster (alexnet.conv3 20.5 vs 23.0 us,
 # resnet50.l3.3x3 22.2 vs 24.5) for 1.5-4 minutes of ptxas each, which a ResNet-50 build would pay six
-# times: those stay on CSR. Batches 2-15 were not measured; they take the batch-1 rule.
+# times: those stay on CSR. At batch 8 (docs/bench/b8, all 16 layers side by side) the CSR kernel gains
+# almost nothing from its 8 images (alexnet.conv3 147.7 us against 21.7 at batch 1) while the specialised kernel
+# runs 8 images in 2-4x its batch-1 time: it wins every layer, 1.65-7.1x, the 7 that batch 1 keeps on CSR by
+# 1.8-5.3x (vgg16.conv5_2 101 vs 188 us, resnet50.l4.3x3 64 vs 115, l3.3x3 36 vs 185). At batch 4 (docs/bench/b4,
+# those 7) it wins them all by 1.57-2.36x. So from ALL_LAYERS_BATCH on it takes every layer; batches 2-3 are not
+# measured and take the batch-1 rule.
 SMALL_BATCH_MAX_NONZEROS = 32768
+ALL_LAYERS_BATCH = 4
 LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 
 
@@ -286,9 +294,9 @@ class SpecializedCUDA(SparseConvRule):
 
     def pays(self, spec: ConvSpec, weight: SparseConvWeight) -> str | None:
         """Whether it beats the CSR kernel by enough to pay for its compile time (the measurements above)."""
-        if spec.N >= LARGE_BATCH or weight.nnz <= SMALL_BATCH_MAX_NONZEROS or spec.OH * spec.OW >= LARGE_IMAGE:
+        if spec.N >= ALL_LAYERS_BATCH or weight.nnz <= SMALL_BATCH_MAX_NONZEROS or spec.OH * spec.OW >= LARGE_IMAGE:
             return None
-        return (f"cost rule: at batch {spec.N} (< {LARGE_BATCH}) a layer of {weight.nnz} nonzeros on "
+        return (f"cost rule: at batch {spec.N} (< {ALL_LAYERS_BATCH}) a layer of {weight.nnz} nonzeros on "
                 f"{spec.OH}x{spec.OW} outputs runs faster on the CSR kernel (or not enough faster specialised to "
                 f"pay for its compile time)")
 
@@ -397,7 +405,7 @@ class SpecializedCUDA(SparseConvRule):
             else:
                 affine = knobs
             knobs = affine if _fits(spec, affine) else knobs
-        if spec.N >= LARGE_BATCH and largest_launch_nonzeros(spec, weight, knobs) > 2 * FUNCTION_NONZEROS:
+        if spec.N >= ALL_LAYERS_BATCH and largest_launch_nonzeros(spec, weight, knobs) > 2 * FUNCTION_NONZEROS:
             chunks = -(-spec.Cg // min(knobs.channel_chunk, spec.C))
             for pieces in (p for p in (2, 4, 8) if knobs.input_parts < p <= chunks):
                 knobs = knobs.with_(input_parts=pieces)

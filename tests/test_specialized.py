@@ -162,7 +162,7 @@ def test_auto_follows_the_tuning_log(rng, tmp_path):
 
 
 def test_auto_cost_rule_keeps_large_layers_on_csr_at_small_batch(rng):
-    from schedules.cuda_specialized import LARGE_BATCH, SMALL_BATCH_MAX_NONZEROS
+    from schedules.cuda_specialized import ALL_LAYERS_BATCH, LARGE_BATCH, SMALL_BATCH_MAX_NONZEROS
 
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     w = pruned(rng, (128, 128, 3, 3), 0.7)
@@ -173,9 +173,13 @@ def test_auto_cost_rule_keeps_large_layers_on_csr_at_small_batch(rng):
     assert plan.rule == "cuda.register_tiled" and "cost rule" in notes[0]
     forced, _ = KernelChooser(rules_for(target), kernel="specialized").plan(small, weight, Epilogue())
     assert forced.rule == SpecializedCUDA.name  # the rule only steers "auto"
-    large = ConvSpec(N=LARGE_BATCH, C=128, H=4, W=4, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
-    plan, notes = KernelChooser(rules_for(target)).plan(large, weight, Epilogue())
-    assert plan.rule == SpecializedCUDA.name and notes == []
+    for batch in (ALL_LAYERS_BATCH, LARGE_BATCH):  # every layer from batch 4 on (docs/bench/b4, b8)
+        large = ConvSpec(N=batch, C=128, H=4, W=4, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
+        plan, notes = KernelChooser(rules_for(target)).plan(large, weight, Epilogue())
+        assert plan.rule == SpecializedCUDA.name and notes == []
+    below = ConvSpec(N=ALL_LAYERS_BATCH - 1, C=128, H=4, W=4, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
+    plan, notes = KernelChooser(rules_for(target)).plan(below, weight, Epilogue())
+    assert plan.rule == "cuda.register_tiled" and "cost rule" in notes[0]
 
 
 def test_auto_cost_rule_takes_large_images_specialised_at_small_batch(rng):

@@ -258,18 +258,21 @@ def test_largest_launch_nonzeros_matches_the_kernels_it_emits(cuda_target, rng):
     assert len(set(re.findall(GLOBAL_FN, cuda_source(lib)))) == 2 * len(parts)  # each part once per input piece
 
 
-def test_defaults_cut_a_huge_function_at_large_batch_only(rng):
-    """ResNet-50's layer4 downsample at batch 32 would be one 209k-nonzero function (cicc ran 16 minutes on
-    it): the defaults cut its input channels until each launch is under FUNCTION_NONZEROS."""
-    from schedules.cuda_specialized import FUNCTION_NONZEROS, largest_launch_nonzeros
+@pytest.mark.parametrize("batch", [32, 8, 4])
+def test_defaults_cut_a_huge_function_where_every_layer_is_a_candidate(rng, batch):
+    """ResNet-50's layer4 downsample at batch 32 or 8 would be one 209k-nonzero function (cicc ran 16 and 19
+    minutes on it; batch 4 is not measured): from ALL_LAYERS_BATCH the defaults cut its input channels until each launch is under
+    FUNCTION_NONZEROS; below it the layer is the CSR kernel's anyway, and batch 1 was measured uncut."""
+    from schedules.cuda_specialized import ALL_LAYERS_BATCH, FUNCTION_NONZEROS, largest_launch_nonzeros
 
     w = SparseConvWeight.from_dense(pruned(rng, (2048, 1024, 1, 1), 0.9))
-    ds32 = ConvSpec(N=32, C=1024, H=14, W=14, K=2048, KH=1, KW=1, stride=(2, 2))
-    knobs = RULE.default_knobs(ds32, w)
-    assert knobs.input_parts >= 2 and largest_launch_nonzeros(ds32, w, knobs) <= FUNCTION_NONZEROS
-    assert largest_launch_nonzeros(ds32, w, knobs.with_(input_parts=1)) > 2 * FUNCTION_NONZEROS
-    ds1 = ConvSpec(N=1, C=1024, H=14, W=14, K=2048, KH=1, KW=1, stride=(2, 2))
-    assert RULE.default_knobs(ds1, w).input_parts == 1  # batch 1 was measured uncut (vgg16.conv4_2)
+    ds = ConvSpec(N=batch, C=1024, H=14, W=14, K=2048, KH=1, KW=1, stride=(2, 2))
+    knobs = RULE.default_knobs(ds, w)
+    assert knobs.input_parts >= 2 and largest_launch_nonzeros(ds, w, knobs) <= FUNCTION_NONZEROS
+    assert largest_launch_nonzeros(ds, w, knobs.with_(input_parts=1)) > 2 * FUNCTION_NONZEROS
+    below = ConvSpec(N=ALL_LAYERS_BATCH - 1, C=1024, H=14, W=14, K=2048, KH=1, KW=1, stride=(2, 2))
+    assert RULE.default_knobs(below, w).input_parts == 1
+    assert "cost rule" in RULE.pays(below, w) and RULE.pays(ds, w) is None
 
 
 def _stem_model(rng, batch, sparse_next=True):
