@@ -23,9 +23,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-# (name, M, K, N): the classifier layers at batch 32
-SHAPES = (("vgg16.fc6", 32, 25088, 4096), ("alexnet.fc6", 32, 9216, 4096), ("fc7", 32, 4096, 4096),
-          ("fc8", 32, 4096, 1000), ("resnet50.fc", 32, 2048, 1000))
+# (name, K, N): the classifier layers; M is the batch (--batches)
+SHAPES = (("vgg16.fc6", 25088, 4096), ("alexnet.fc6", 9216, 4096), ("fc7", 4096, 4096),
+          ("fc8", 4096, 1000), ("resnet50.fc", 2048, 1000), ("googlenet.fc", 1024, 1000))
 SPLITS = (1, 4, 8, 16, 32, 64, 128)
 MIN_SLICE = 64
 TOL = 1e-4
@@ -57,9 +57,10 @@ def cmd_prepare(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     entries = []
-    for name, M, K, N in SHAPES:
+    splits = [int(v) for v in a.splits.split(",")] if a.splits else SPLITS
+    for M, (name, K, N) in ((int(m), shape) for m in a.batches.split(",") for shape in SHAPES):
         default = choose_split(M, K, N)[0]
-        for s in SPLITS:
+        for s in sorted(set(splits) | {default}):
             if K % s or K // s < MIN_SLICE:
                 continue
             mod, seen = split_k_matmuls(_module(M, K, N), choose=lambda *_: (s, "" if s > 1 else "forced"))
@@ -67,10 +68,10 @@ def cmd_prepare(a) -> int:
             t0 = time.perf_counter()
             with target:
                 ex = tvm.compile(mod, target=target)
-            f = f"{name}_s{s}.so"
+            f = f"{name}_m{M}_s{s}.so"
             ex.export_library(str(out / f))
             entries.append({"name": name, "M": M, "K": K, "N": N, "split": s, "default": s == default, "file": f})
-            print(f"{name} S={s}: built in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"{name} M={M} S={s}: built in {time.perf_counter() - t0:.1f} s", flush=True)
     (out / "manifest.json").write_text(json.dumps({"shapes": entries, "seed": SEED}, indent=1))
     return 0
 
@@ -103,7 +104,7 @@ def cmd_measure(a) -> int:
             res = vm.time_evaluator("main", dev, number=20, repeat=10, min_repeat_ms=50)(*args)
             row["ms"] = float(np.median(res.results)) * 1e3
         rows.append(row)
-        print(f"{e['name']:12s} S={e['split']:3d} err {err:.1e} " + (f"{row['ms']:.4f} ms" if "ms" in row else "FAILED"),
+        print(f"{e['name']:12s} M={M:<3d} S={e['split']:3d} err {err:.1e} " + (f"{row['ms']:.4f} ms" if "ms" in row else "FAILED"),
               flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="build every (shape, split) here")
     p.add_argument("--out", default=".gpu/mm")
+    p.add_argument("--batches", default="32", help="comma-separated M (the batch)")
+    p.add_argument("--splits", default="", help=f"comma-separated S to sweep (default {SPLITS}; the default S is "
+                   "always built)")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("measure", help="check and time on the GPU machine (TVM runtime only)")
     p.add_argument("--dir", default=".gpu/mm")

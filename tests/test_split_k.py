@@ -128,9 +128,11 @@ def test_bench_matmul_prepares_every_split(repo_root, tmp_path, monkeypatch):
     sys.path.insert(0, str(repo_root / "scripts"))
     import bench_matmul
 
-    monkeypatch.setattr(bench_matmul, "SHAPES", (("fc", 32, 1024, 1000),))
-    assert bench_matmul.main(["prepare", "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(bench_matmul, "SHAPES", (("fc", 1024, 1000),))
+    assert bench_matmul.main(["prepare", "--out", str(tmp_path), "--batches", "32,8"]) == 0
     man = json.loads((tmp_path / "manifest.json").read_text())
-    assert [e["split"] for e in man["shapes"]] == [1, 4, 8, 16]  # 1024 / 16 = 64, the shortest slice swept
-    assert [e["split"] for e in man["shapes"] if e["default"]] == [choose_split(32, 1024, 1000)[0]]
+    for m in (32, 8):
+        rows = [e for e in man["shapes"] if e["M"] == m]
+        assert [e["split"] for e in rows] == [1, 4, 8, 16]  # 1024 / 16 = 64, the shortest slice swept
+        assert [e["split"] for e in rows if e["default"]] == [choose_split(m, 1024, 1000)[0]]
     assert all((tmp_path / e["file"]).stat().st_size > 0 for e in man["shapes"])
