@@ -22,7 +22,11 @@ TILE_M, TILE_N = 32, 64  # dlight's Matmul tile (its fp32 CUDA config)
 # with its K range whatever the GPU's occupancy: past this many, cut K even where the blocks fill the GPU.
 MAX_SLICE = 1024
 MIN_SLICE = 256  # shortest K slice: the partial sums (S x M x N floats) must stay small next to the weight
-MIN_WORK = 1 << 24  # multiply-adds under which a matmul takes microseconds anyway: two more launches would not pay
+# Weight elements (K x N) under which a matmul is left whole. Not multiply-adds: dlight's block walks all of K
+# whatever M is, so at M = 2-8 a classifier takes as long as at 32 (H200, docs/bench/mm_small: 8 x 2048 @
+# 2048 x 1000 0.082 ms whole, 0.019 split in 8; GoogLeNet's 1024 x 1000, the smallest measured, 0.042 -> 0.019 at
+# M = 8, 0.035 -> 0.023 at M = 2). Below it the split is not measured.
+MIN_WEIGHT = 1_000_000
 MAX_M = 256  # larger batches: M tiles alone give enough blocks, and the partial sums grow with M
 SPLITS = (2, 4, 8, 16, 32, 64)
 
@@ -51,8 +55,8 @@ def choose_split(M: int, K: int, N: int) -> tuple[int, str]:
         return 1, "M=1: dlight's GEMV rule"
     if M > MAX_M:
         return 1, f"M={M} > {MAX_M}"
-    if M * K * N < MIN_WORK:
-        return 1, f"{M * K * N} multiply-adds: small"
+    if K * N < MIN_WEIGHT:
+        return 1, f"a {K}x{N} weight: small"
     blocks = -(-M // TILE_M) * -(-N // TILE_N)
     if blocks >= FILL_BLOCKS and K <= MAX_SLICE:
         return 1, f"{blocks} blocks fill the GPU, K={K} is short"

@@ -368,3 +368,47 @@ def test_shape_dict_overrides_a_static_batch(rng):
     assert [r.kernel for r in built.report] == ["dense"] + ["sparse"] * 5
     x = randn(rng, (3, 3, 16, 16))
     assert_close(built(x), ort_reference(m3, {"input": x}))
+
+
+# ---------------------------------------------------------------- strided 1x1 convs (ResNet's downsamples)
+def _strided_1x1(rng, stride, hw=(9, 8)):
+    w = pruned(rng, (12, 8, 1, 1), 0.8)
+    b = randn(rng, (12,), 0.5)
+    oh, ow = -(-hw[0] // stride), -(-hw[1] // stride)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=[stride, stride]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    return onnx_model(nodes, [("x", [2, 8, *hw])], [("y", [2, 12, oh, ow])], {"w": w, "b": b})
+
+
+@pytest.mark.parametrize("stride,kernel", [(2, "sparse"), (3, "sparse"), (2, "specialized")])
+def test_strided_1x1_runs_at_stride_1_on_a_subsampled_input(rng, stride, kernel):
+    """The CUDA default, forced here on llvm so the numeric path runs: one strided slice, then the kernel at
+    stride 1 on the slice (odd input sizes: the slice keeps the last row and column the conv reads)."""
+    import tvm
+    from tvm import relax
+
+    from escort_tvm.compiler import bind_params
+    from relay_passes import rewrite_sparse_convs
+    from relay_passes.sparse_conv_rewrite import conv_weight_names
+
+    model = _strided_1x1(rng, stride)
+    mod, params = escort_tvm.from_onnx(model)
+    names = conv_weight_names(mod["main"])
+    mod, _ = bind_params(mod, params)
+    mod = relax.transform.FoldConstant()(mod)
+    new, (rep,) = rewrite_sparse_convs(mod, tvm.target.Target("llvm"), 0.7, None, names, kernel=kernel,
+                                       subsample_strided_1x1=True)
+    assert rep.kernel == kernel and "subsampled first" in rep.notes[-1], rep.line()
+    assert "R.strided_slice" in new["main"].script()
+    vm = relax.VirtualMachine(tvm.compile(new, target="llvm"), tvm.cpu())
+    x = randn(rng, (2, 8, 9, 8))
+    assert_close(vm["main"](tvm.runtime.tensor(x)).numpy(), ort_reference(model, {"x": x}))
+
+
+def test_strided_1x1_is_subsampled_on_cuda_only(rng):
+    model = _strided_1x1(rng, 2)
+    built = build_onnx(model)  # llvm: the conv keeps its stride
+    assert not any("subsampled" in n for n in built.report[0].notes)
+    mod, params = escort_tvm.from_onnx(model)
+    cuda = escort_tvm.build(mod, params, {"kind": "cuda", "arch": "sm_90"}, kernel="specialized")
+    assert "subsampled first" in cuda.report[0].notes[-1], cuda.report_text()
