@@ -71,6 +71,7 @@ FUNCTION_NONZEROS = 1 << 16
 SMALL_BATCH_MAX_NONZEROS = 32768
 ALL_LAYERS_BATCH = 4
 LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
+STEM_BATCH = 8  # from which the rule takes a network's dense stem (takes_dense; measured at 8 and 32)
 
 
 @dataclass(frozen=True)
@@ -301,11 +302,12 @@ class SpecializedCUDA(SparseConvRule):
                 f"pay for its compile time)")
 
     def takes_dense(self, spec: ConvSpec, weight: SparseConvWeight) -> bool:
-        """A network's dense stem (at most 4 input channels: the image) at batch >= 16. Every tap then feeds all
-        32 channels of a thread, and TVM's default dense conv2d schedule is untuned (H200, batch 32, per call,
-        docs/bench/e2e7 and e2e8: AlexNet's 11x11 stride-4 conv1 0.303 -> 0.252 ms, GoogLeNet's and ResNet-50's
-        7x7 stride-2 conv1 0.529 -> 0.213 / 0.215 ms, VGG-16's 3x3 conv1_1 0.558 -> 0.157 ms)."""
-        return (spec.N >= LARGE_BATCH and spec.C <= 4 and spec.groups == 1
+        """A network's dense stem (at most 4 input channels: the image) at batch >= STEM_BATCH. Every tap then
+        feeds all 32 channels of a thread, and TVM's default dense conv2d schedule is untuned (H200, per call,
+        batch 32, docs/bench/e2e7 and e2e8: AlexNet's 11x11 stride-4 conv1 0.303 -> 0.252 ms, GoogLeNet's and
+        ResNet-50's 7x7 stride-2 conv1 0.529 -> 0.213 / 0.215 ms, VGG-16's 3x3 conv1_1 0.558 -> 0.157 ms; batch 8,
+        docs/bench/e2e11: GoogLeNet's 0.147 -> 0.064 ms, AlexNet's 0.090 -> 0.095, a tie end to end)."""
+        return (spec.N >= STEM_BATCH and spec.C <= 4 and spec.groups == 1
                 and weight.nnz <= SMALL_BATCH_MAX_NONZEROS)
 
     @staticmethod

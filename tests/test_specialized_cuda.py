@@ -290,8 +290,9 @@ def _stem_model(rng, batch, sparse_next=True):
 
 
 @pytest.mark.parametrize("batch, options, stem", [
-    (16, {}, "specialized"),  # batch >= 16: the rule's takes_dense claims the dense stem
-    (2, {}, "dense"),  # small batch: not measured, so TVM's dense conv
+    (16, {}, "specialized"),  # batch >= 8: the rule's takes_dense claims the dense stem
+    (8, {}, "specialized"),
+    (4, {}, "dense"),  # smaller batches: not measured, so TVM's dense conv
     (16, {"min_sparsity": 2.0}, "dense"),  # "keep every conv dense" wins over the claim
     (16, {"kernel": "sparse"}, "dense"),  # a forced kernel: only convs past min_sparsity get it
 ])
@@ -314,4 +315,4 @@ def test_dense_stem_claim_needs_few_input_channels():
     wide = SparseConvWeight.from_dense(np.ones((16, 8, 3, 3), np.float32))
     assert RULE.takes_dense(ConvSpec(N=32, C=3, H=224, W=224, K=16, KH=7, KW=7, stride=(2, 2), pad=(3,) * 4), dense)
     assert not RULE.takes_dense(ConvSpec(N=32, C=8, H=56, W=56, K=16, KH=3, KW=3, pad=(1,) * 4), wide)
-    assert not RULE.takes_dense(ConvSpec(N=8, C=3, H=224, W=224, K=16, KH=7, KW=7, stride=(2, 2), pad=(3,) * 4), dense)
+    assert not RULE.takes_dense(ConvSpec(N=7, C=3, H=224, W=224, K=16, KH=7, KW=7, stride=(2, 2), pad=(3,) * 4), dense)
