@@ -325,9 +325,9 @@ def plan_sites(func: relax.Function, min_sparsity: float, param_names: list[str]
         if spec is None:
             entry.reason = why
             continue
-        conv_spec, subsample = spec, None
-        if subsample_strided_1x1 and _as_subsampled(spec) is not None:
-            spec, subsample = _as_subsampled(spec), conv_spec.stride
+        subsampled = _as_subsampled(spec) if subsample_strided_1x1 else None
+        subsample = spec.stride if subsampled is not None else None
+        spec = subsampled or spec
         claim = None
         if sparsity < min_sparsity:
             # a rule may claim a dense conv it runs faster than TVM's dense schedule (a stem), unless the

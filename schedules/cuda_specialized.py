@@ -52,8 +52,9 @@ MAX_NONZEROS = 262144
 # 16 minutes on it before it was stopped; the same layer's 3x3 conv, cut in 4 launches of 59k, took 189 s.
 # At batch 8 the same downsample as one function ran cicc 19 minutes before it was stopped (the 236k 3x3
 # layers there: 200-311 s each as one function, docs/bench/b8; 425 s at batch 4), so the cut applies from
-# ALL_LAYERS_BATCH (below), where every layer becomes a candidate. Not at batch 1, where vgg16.conv4_2 (236k, 16 channels per thread)
-# compiled in 234 s as one function and was measured that way (docs/bench/b1_final_conv4_2).
+# ALL_LAYERS_BATCH (below), where every layer becomes a candidate. Not at batch 1, where vgg16.conv4_2 (236k,
+# 16 channels per thread) compiled in 234 s as one function and was measured that way
+# (docs/bench/b1_final_conv4_2).
 FUNCTION_NONZEROS = 1 << 16
 # Where the specialised kernel pays (H200, docs/benchmarks.md): at batch 32 it beat the CSR kernel on
 # all 16 bench layers (2-8x); at batch 1 it won every layer up to 30720 nonzeros. Larger layers at batch
