@@ -19,6 +19,7 @@ is cut into several kernels (``kernel_parts``, over output channels; ``input_par
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -99,8 +100,12 @@ class SpecializedKnobs(Knobs):
     # SM run one group's code; needs a zeroed int32 array of counters (the plan's one weight array).
     sm_affine: bool = False
     # Flat mode (1x1 stride-1 unpadded): the row of pixels runs on across the batch instead of one tile row per
-    # image, so a 7x7 output (49 pixels) does not leave 79 of a 128-thread tile idle.
+    # image, so a 7x7 output (49 pixels) does not leave 79 of a 128-thread tile idle. Unstaged KxK convs too
+    # (each thread's (image, row, column) from its place in the row), where the conv is unpadded or pad_input.
     span_images: bool = False
+    # The graph pads the input (one pad op before the kernel), so an unstaged kernel reads an unpadded conv: its
+    # taps are unpredicated loads at immediate offsets (PTX blocks) instead of one guarded C statement each.
+    pad_input: bool = False
     # Staged mode: a block covers one whole image with one thread per output pixel, numbered along its rows
     # (threads_x/threads_y ignored), so an output narrower than a 2-D tile leaves no idle columns (13x13 in
     # 16x8 tiles: 66% of the threads busy; 169 threads in 192: 88%).
@@ -120,6 +125,7 @@ class SpecializedKnobs(Knobs):
         "input_parts": (1, 2, 4, 8),
         "sm_affine": (False, True),
         "span_images": (False, True),
+        "pad_input": (False, True),
         "image_tile": (False, True),
     }
 
@@ -142,6 +148,10 @@ class SpecializedKnobs(Knobs):
         if self.span_images and (self.stage_input or self.images_per_block > 1):
             raise ValueError("span_images needs stage_input=False and images_per_block == 1 (the pixel row, not "
                              "the grid, runs over the images)")
+        if self.pad_input and self.stage_input:
+            raise ValueError("pad_input needs stage_input=False (a staged kernel pads on chip, for free)")
+        if self.span_images and self.image_tile:
+            raise ValueError("span_images and image_tile are two different layouts of the threads")
         if self.image_tile and (self.rows_per_thread > 1 or self.tiles_per_block > 1):
             raise ValueError("image_tile needs rows_per_thread == tiles_per_block == 1 (one thread per pixel of "
                              "one image)")
@@ -162,6 +172,7 @@ class _Geometry:
     TB: int = 1
     row_images: int = 1  # flat mode: images along the pixel row (N with span_images)
     linear: bool = False  # image_tile: threads numbered along the image's rows, TX = all of them, TY = 1
+    span_ow: int = 0  # span_images on a KxK conv: the row is OH*OW pixels per image, row r // span_ow of it
 
     @classmethod
     def of(cls, spec: ConvSpec, k: SpecializedKnobs) -> "_Geometry":
@@ -169,6 +180,8 @@ class _Geometry:
         if flat:
             return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, 1, k.tiles_per_block,
                        row_images=spec.N if k.span_images else 1)
+        if k.span_images:  # a KxK conv's pixels as one row running on across the batch, like flat mode's
+            return cls(False, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, row_images=spec.N, span_ow=spec.OW)
         if k.image_tile:
             return cls(False, spec.OH, spec.OW, -(-spec.OH * spec.OW // 32) * 32, 1, linear=True)
         return cls(False, spec.OH, spec.OW, k.threads_x, k.threads_y, k.rows_per_thread, k.tiles_per_block)
@@ -258,8 +271,10 @@ def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
     geo = _Geometry.of(spec, k)
     if k.rows_per_thread > 1 and geo.flat:
         raise ValueError("rows_per_thread > 1 does not apply to a 1x1 stride-1 unpadded conv (flat mode)")
-    if k.span_images and not geo.flat:
-        raise ValueError("span_images applies only to a 1x1 stride-1 unpadded conv (flat mode)")
+    if k.span_images and not geo.flat and any(spec.pad) and not k.pad_input:
+        raise ValueError("span_images on a padded conv needs pad_input (the row's taps are unpredicated loads)")
+    if k.pad_input and not any(spec.pad):
+        raise ValueError("pad_input applies only to a padded conv")
     if k.image_tile:
         if geo.flat:
             raise ValueError("image_tile does not apply to a 1x1 stride-1 unpadded conv (flat mode)")
@@ -408,6 +423,23 @@ class SpecializedCUDA(SparseConvRule):
             else:
                 affine = knobs
             knobs = affine if _fits(spec, affine) else knobs
+        return self._cut_functions(spec, weight, knobs)
+
+    def span_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
+        """The row layout for a KxK conv: unstaged, the output pixels of the whole batch as one row (every thread
+        busy, where 2-D tiles of a 7x7 to 14x14 output leave 23-34% idle), the input padded by the graph so every
+        tap is an unpredicated global load at an immediate offset; channels and slices from the fill rule."""
+        flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
+        if flat:  # flat mode's default is this layout already
+            return self.default_knobs(spec, weight)
+        base = SpecializedKnobs(threads_x=128, threads_y=1, stage_input=False, span_images=True,
+                                pad_input=any(spec.pad))
+        kg, ks = self._fill(spec, base, reuse=True)
+        return self._cut_functions(spec, weight, base.with_(channels_per_thread=kg, channel_split=ks))
+
+    @staticmethod
+    def _cut_functions(spec: ConvSpec, weight: SparseConvWeight, knobs: SpecializedKnobs) -> SpecializedKnobs:
+        """input_parts so that no kernel function holds much over FUNCTION_NONZEROS (compile time)."""
         if spec.N >= ALL_LAYERS_BATCH and largest_launch_nonzeros(spec, weight, knobs) > 2 * FUNCTION_NONZEROS:
             chunks = -(-spec.Cg // min(knobs.channel_chunk, spec.C))
             for pieces in (p for p in (2, 4, 8) if knobs.input_parts < p <= chunks):
@@ -428,10 +460,12 @@ class SpecializedCUDA(SparseConvRule):
             raise ValueError(f"input_parts={knobs.input_parts} exceeds the {chunks} channel chunks of a conv group "
                              f"({spec.Cg} input channels, channel_chunk={knobs.channel_chunk})")
         groups = unrolled_program(weight, knobs.channels_per_thread)
-        func = specialized_cuda_kernel(spec, groups, epilogue, knobs, self.kernel_nonzeros, self.fill_warps)
+        # pad_input: the kernel computes the unpadded conv of the padded input x_pad[N, C*Hp*Wp] (the graph pads)
+        kspec = dataclasses.replace(spec, H=spec.Hp, W=spec.Wp, pad=(0, 0, 0, 0)) if knobs.pad_input else spec
+        func = specialized_cuda_kernel(kspec, groups, epilogue, knobs, self.kernel_nonzeros, self.fill_warps)
         work = next((p for p in func.params if p.name == "work"), None)
         arrays = (np.zeros(int(work.ty.shape[0]), np.int32),) if work is not None else ()
-        return KernelPlan(func, spec.H, spec.W, arrays, self.name, knobs, spec, padded_input=False)
+        return KernelPlan(func, kspec.H, kspec.W, arrays, self.name, knobs, spec, padded_input=knobs.pad_input)
 
 
 def _tree(T, var, keys: list[int], leaf, exact: bool):
@@ -628,7 +662,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     p = T.min(tid, geo.OH * geo.OW - 1)
                     return p // geo.OW, p % geo.OW
                 if geo.row_images > 1:
-                    return i32(0), g_in % geo.OW
+                    p = g_in % geo.OW
+                    return (p // geo.span_ow, p % geo.span_ow) if geo.span_ow else (i32(0), p)
                 if geo.flat:
                     return i32(0), (tile_c * tr + t) * TX + tx
                 return ((tile_r * tr + t) * TY + ty) * PY, tile_c * TX + tx
@@ -737,7 +772,10 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                             park(t, store=True)
                     T.evaluate(T.tvm_storage_sync("shared"))
             else:
-                ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
+                if geo.span_ow:  # already in bounds: threads past the batch's end took its last pixel
+                    ohc, owc = oh, ow
+                else:
+                    ohc, owc = T.min(oh, geo.OH - 1), T.min(ow, geo.OW - 1)  # edge threads read in bounds
                 padded = any(spec.pad)
 
                 def load_direct(t):
@@ -817,7 +855,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 if geo.linear:
                     stored = tvm.tirx.all(stored, tid < geo.OH * geo.OW)
                 for q in range(PY):
-                    with T.If(tvm.tirx.all(oh_t + q < geo.OH, ow_t < geo.OW, stored)):
+                    inside = [] if geo.span_ow else [oh_t + q < geo.OH, ow_t < geo.OW]
+                    with T.If(tvm.tirx.all(*inside, stored)):
                         with T.Then():
                             for j in range(g.size):
                                 if KS == 1:
@@ -842,7 +881,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
         with T.prim_func():
             T.func_name("escort_specialized_conv")
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            x = T.arg("x", T.buffer((N, C, H, W), "float32"))
+            # pad_input: x_pad[N, C*Hp*Wp] as the graph pass hands it over (pad + reshape)
+            x = T.arg("x", T.buffer((N, C * H * W) if k.pad_input else (N, C, H, W), "float32"))
             parts = _launch_parts(spec, groups, k, kernel_nonzeros, fill_warps)
             launches = [(part, piece) for part in parts for piece in range(k.input_parts)]  # in this order
             if k.sm_affine:  # each launch's work counters, one after the other

@@ -28,7 +28,7 @@ runtime, makes the inputs with torch, checks every kernel variant against a floa
 dense pruned weight (output poisoned with NaN first), times the passing ones and the baselines of
 ``../shared/anchors/measure_anchors.py`` in the same process, and writes ``bench.json``, ``bench.md`` and
 ``speedup.png`` under ``--out``: per layer the CSR kernel (+ the pad op it needs), the specialised kernel
-(which pads on chip), the best of the two, and issue 3's targets checked on the best. The timed work runs
+(which pads on chip, or with ``pad_input`` reads the graph's padded input: + that pad op), the best of the two, and issue 3's targets checked on the best. The timed work runs
 in a child process; a CUDA error that kills the context is recorded as a crash of that kernel and the run
 continues in a fresh child. ``merge`` makes one report of several runs' ``bench.json``.
 """
@@ -414,16 +414,22 @@ DEFAULT_SPEC_CACHE = ROOT / ".gpu" / "spec-cache"
 GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*\("
 
 
-def specialized_variants(default, names: str) -> list[dict]:
+def specialized_variants(default, names: str, layouts: dict | None = None) -> list[dict]:
     """``[{name, knobs, reason}]``: the default knobs, then each named change of them (one SPEC_CHANGES entry,
     or several joined by '+', applied in turn); a change that leaves the knob space or repeats an earlier
-    setting gets ``knobs=None`` and the reason."""
+    setting gets ``knobs=None`` and the reason. A name may start from one of ``layouts`` (name -> knobs: another
+    whole layout the rule derives, e.g. ``span`` = ``SpecializedCUDA.span_knobs``) instead of the default."""
     out, seen = [], {}
+    layouts = layouts or {}
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         knobs, reason = default, None
-        for step in ([] if name == "default" else name.split("+")):
+        steps = [] if name == "default" else name.split("+")
+        if steps and steps[0] in layouts:
+            knobs, steps = layouts[steps[0]], steps[1:]
+        for step in steps:
             if step not in SPEC_CHANGES:
-                raise ValueError(f"unknown specialised variant {step!r}; known: default, {', '.join(SPEC_CHANGES)}")
+                raise ValueError(f"unknown specialised variant {step!r}; known: default, {', '.join(SPEC_CHANGES)}"
+                                 + (f"; layouts (first step only): {', '.join(layouts)}" if layouts else ""))
             field, change = SPEC_CHANGES[step]
             value = change(getattr(knobs, field))
             if value not in type(default).SPACE[field]:
@@ -534,9 +540,12 @@ def build_specialized(job: dict) -> dict:
                 "error": "the kernel's TIR differs from the one prepare hashed: the sources changed mid-run "
                          "(its cache key would lie)"}
     workspace = [int(a.shape[0]) for a in plan.weight_arrays]  # the work-queue counters of sm_affine, zeroed
-    if any(a.dtype != np.int32 or a.ndim != 1 or a.any() for a in plan.weight_arrays) or plan.padded_input is not False:
-        raise RuntimeError(f"{rule.name} plan has weight arrays {[a.dtype for a in plan.weight_arrays]} / padded_input "
-                           f"{plan.padded_input}; bench.py passes (x[N,C,H,W], [zeroed int32 counters], bias, y)")
+    if any(a.dtype != np.int32 or a.ndim != 1 or a.any() for a in plan.weight_arrays):
+        raise RuntimeError(f"{rule.name} plan has weight arrays {[a.dtype for a in plan.weight_arrays]}; bench.py "
+                           "passes (x, [zeroed int32 counters], bias, y)")
+    # x as the graph pass lays it out: NCHW, or x_pad[N, C*Hp*Wp] after the pad op it emits (pad_input)
+    out["first_input"] = (first_input.describe(plan, spec) if plan.padded_input
+                          else {"padded": False, "shape": list(spec.input_shape)})
     sig = _signature(plan.func)
     stats = program_stats(unrolled_program(weight, knobs.channels_per_thread))
     target = tvm.target.Target(job["target"])
@@ -764,7 +773,8 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                 g["spec_weights"] = tmp / f".spec_{Path(g['file']).stem}.npz"
                 np.savez(g["spec_weights"], dense=g["arrays"]["dense"])
             epi = {"relu": False, "residual": False}
-            for j, sv in enumerate(specialized_variants(srule.default_knobs(spec, weight), spec_variants)):
+            layouts = {"span": srule.span_knobs(spec, weight)}
+            for j, sv in enumerate(specialized_variants(srule.default_knobs(spec, weight), spec_variants, layouts)):
                 if sv["knobs"] is not None and j > 0 and spec_variant_nnz is not None and g["nnz"] > spec_variant_nnz:
                     sv = dict(sv, knobs=None, reason=f"not built: {g['nnz']} nonzeros > --spec-variant-nnz "
                                                      f"{spec_variant_nnz} (only the default above that)")
@@ -891,8 +901,8 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                 continue
             v = {"index": job["index"], "name": job["name"], "symbol": job["build"]["symbol"],
                  "default": job["name"] == "default", "rule": srule.name, "knobs": job["build"]["knobs"],
-                 "so": Path(job["dest"]).name, "params": res["params"], "first_input": {"padded": False,
-                 "shape": res["params"][0][1]}, "cached": bool(res.get("cached")),
+                 "so": Path(job["dest"]).name, "params": res["params"], "first_input": res.get("first_input") or {"padded": False, "shape": res["params"][0][1]},  # (older cache: NCHW)
+                 "cached": bool(res.get("cached")),
                  "arrays": [{"key": f"zeros{j}", "shape": [n], "dtype": "int32", "zeros": True}  # made on the GPU
                             for j, n in enumerate(res.get("workspace", []))]}
             for k in ("program", "compile", "code", "resources", "device_params", "ptx_global_loads"):
@@ -1082,12 +1092,13 @@ def verify(bench_dir: Path, reapply: bool = True) -> list[str]:
         if c["nnz"] <= sp["max_nnz"] and sp["reason"] is None and not sp["variants"]:
             problems.append(f"case {c['index']}: specialised kernel eligible but neither built nor explained")
         for v in sp["variants"]:
-            want = [s["N"], s["C"], s["H"], s["W"]]
+            lay = v["first_input"]
+            want = [s["N"], s["C"], s["H"], s["W"]] if not lay["padded"] else [s["N"], s["C"] * lay["hp"] * lay["wp"]]
             oh, ow = out_hw(s)
             shapes = [p[1] for p in v["params"]]
             work = [a["shape"] for a in v["arrays"]]
             if shapes != [want, *work, [s["K"]], [s["N"], s["K"], oh, ow]] or not all(a.get("zeros") for a in v["arrays"]):
-                problems.append(f"{v['symbol']}: params {v['params']} are not (x[N,C,H,W], [counters], bias[K], y)")
+                problems.append(f"{v['symbol']}: params {v['params']} are not (x {want}, [counters], bias[K], y)")
             if not (bench_dir / v["so"]).exists():
                 problems.append(f"{v['symbol']}: {v['so']} missing")
                 continue
@@ -1103,7 +1114,7 @@ def verify(bench_dir: Path, reapply: bool = True) -> list[str]:
                 spec = ConvSpec(**{k: tuple(x) if isinstance(x, list) else x for k, x in s.items()})
                 plan = SpecializedCUDA().apply(spec, SparseConvWeight.from_dense(dense, spec.groups),
                                                Epilogue(relu=False), SpecializedCUDA.Knobs.from_dict(v["knobs"]))
-                if _signature(plan.func) != v["params"] or plan.weight_arrays or plan.padded_input:
+                if _signature(plan.func) != v["params"] or plan.weight_arrays:
                     problems.append(f"{v['symbol']}: re-applying the specialised schedule gives another signature")
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_inspect", "--bench-dir", str(bench_dir),
@@ -1352,12 +1363,8 @@ def measure_worker(args) -> int:
         y_shape = (N, K) + tuple(ref.shape[2:])
 
         def kernel_call(v, family):
-            if family == "spec":
-                fn = gpu.spec_function(v)
-                xin = x.contiguous()  # the specialised kernel reads plain NCHW and pads on chip
-            else:
-                fn = gpu.klib[v["symbol"]]
-                xin = gpu.first_input(x, v["first_input"])
+            fn = gpu.spec_function(v) if family == "spec" else gpu.klib[v["symbol"]]
+            xin = gpu.first_input(x, v["first_input"])  # NCHW (pads on chip), or after the graph's pad op
             if list(xin.shape) != v["first_input"]["shape"]:
                 raise RuntimeError(f"first input {list(xin.shape)} != manifest {v['first_input']['shape']}")
             arrays = [torch.zeros(a["shape"], dtype=torch.int32, device="cuda") if a.get("zeros")  # sm_affine counters
@@ -1368,11 +1375,12 @@ def measure_worker(args) -> int:
 
         def run_family(family: str, variants: list[dict]):
             """Check and time every variant of one kernel kind; returns the best passing one (or None): by
-            kernel time, plus the pad op its input layout needs for the CSR kernel."""
+            kernel time, plus the pad op its input layout needs."""
             vp, final_part, stream_part = FAMILY_PARTS[family]
+            pads = _variant_pads([r for r in records if r.get("case") == i], family)
 
             def own_pad(v):
-                return (pads.get(v["index"]) or 0.0) if family == "csr" else 0.0
+                return pads.get(v["index"]) or 0.0
 
             tag = {} if family == "csr" else {"family": family}
             multi = len(variants) > 1
@@ -1460,23 +1468,24 @@ def measure_worker(args) -> int:
                 emit(rec)
             return best
 
-        # ---- the input padding the graph pass emits before a CSR kernel that reads a padded input: timed once
-        # per distinct layout among the variants, so each variant is ranked by its kernel plus its own pad
-        layouts: dict[str, list[int]] = {}
-        for v in c["variants"]:
-            layouts.setdefault(json.dumps(v["first_input"], sort_keys=True), []).append(v["index"])
-        for j, (key, idx) in enumerate(layouts.items()):
-            if (i, f"pad{j}") in done:
-                continue
-            mark(i, f"pad{j}")
-            lay = json.loads(key)
-            rec = {"type": "pad", "case": i, "part": f"pad{j}", "variants": idx, "padded": lay["padded"]}
-            try:
-                rec["ms"] = gpu.do_bench(lambda: gpu.first_input(x, lay)) if lay["padded"] else 0.0
-            except Exception as e:
-                rec.update(status="FAIL", error=short_error(e))
-            emit(rec)
-        pads = _variant_pads([r for r in records if r.get("case") == i])
+        # ---- the input padding the graph pass emits before a kernel that reads a padded input: timed once per
+        # distinct layout among each kind's variants, so each variant is ranked by its kernel plus its own pad
+        for family, fvariants, prefix in (("csr", c["variants"], "pad"), ("spec", spec_variants_of(c), "spad")):
+            layouts: dict[str, list[int]] = {}
+            for v in fvariants:
+                layouts.setdefault(json.dumps(v["first_input"], sort_keys=True), []).append(v["index"])
+            for j, (key, idx) in enumerate(layouts.items()):
+                if (i, f"{prefix}{j}") in done:
+                    continue
+                mark(i, f"{prefix}{j}")
+                lay = json.loads(key)
+                rec = {"type": "pad", **({} if family == "csr" else {"family": family}), "case": i,
+                       "part": f"{prefix}{j}", "variants": idx, "padded": lay["padded"]}
+                try:
+                    rec["ms"] = gpu.do_bench(lambda: gpu.first_input(x, lay)) if lay["padded"] else 0.0
+                except Exception as e:
+                    rec.update(status="FAIL", error=short_error(e))
+                emit(rec)
 
         best = run_family("csr", c["variants"])
         if spec_variants_of(c):
@@ -1603,7 +1612,7 @@ def build_rows(manifest: dict, records: list[dict], ours_metric: str = "dobench"
         row["floor_fraction"] = row["floor_ms"] / row["ours_ms"] if row["ours_ms"] else None
         row["skipped"] = next((r["reason"] for r in recs if r.get("type") == "skipped"), None)
         row["crashes"] = [{"part": r["part"], "error": r.get("error")} for r in recs if r.get("type") == "crash"]
-        # ---- the specialised kernel (no pad: it reads the NCHW input) and the best of our kernels
+        # ---- the specialised kernel (+ its pad op where it reads a padded input) and the best of our kernels
         sp = c.get("specialized") or {}
         row["specialized"] = None
         row["spec_reason"] = sp.get("reason")
@@ -1615,7 +1624,8 @@ def build_rows(manifest: dict, records: list[dict], ours_metric: str = "dobench"
             for v in f["variants"]:
                 m = meta.get(v["variant"], {})
                 v.update(name=m.get("name"), compile=m.get("compile"), code=m.get("code"), program=m.get("program"))
-            f["ms"] = f["stream_ms"] if ours_metric == "stream" else f["kernel_ms"]
+            kern_ms = f["stream_ms"] if ours_metric == "stream" else f["kernel_ms"]
+            f["ms"] = kern_ms + (f["pad_ms"] or 0.0) if kern_ms is not None else None
             best_meta = meta.get(f["best_variant"], {})
             default = next((v for v in sp["variants"] if v.get("default")), None)
             f["best_name"] = best_meta.get("name")
@@ -1638,11 +1648,11 @@ def build_rows(manifest: dict, records: list[dict], ours_metric: str = "dobench"
     return rows
 
 
-def _variant_pads(recs: list[dict]) -> dict[int, float]:
+def _variant_pads(recs: list[dict], family: str = "csr") -> dict[int, float]:
     """Variant index -> ms of the pad op its input layout needs (0 where the graph pass emits none)."""
     out = {}
     for r in recs:
-        if r.get("type") == "pad" and "ms" in r:
+        if r.get("type") == "pad" and "ms" in r and r.get("family", "csr") == family:
             for vi in r.get("variants", [r.get("variant")]):  # (older runs timed the best variant's pad only)
                 out[vi] = r["ms"]
     return out
@@ -1672,9 +1682,9 @@ def _family_result(recs: list[dict], vmeta_list: list[dict], family: str) -> dic
     if not any(v["ms"] is not None for v in variants):  # several variants, final timing missing
         for v in variants:
             v["ms"] = v["screen_ms"]
-    pads = _variant_pads(recs) if family == "csr" else {}
+    pads = _variant_pads(recs, family)
     for v in variants:
-        v["pad_ms"] = pads.get(v["variant"]) if family == "csr" else 0.0
+        v["pad_ms"] = pads.get(v["variant"], 0.0 if family == "spec" else None)
     timed = [v for v in variants if v["status"] == "ok" and v["ms"] is not None]
     best = min(timed, key=lambda v: v["ms"] + (v["pad_ms"] or 0.0)) if timed else None
     st = next((r for r in recs if r.get("type") == "stream" and r.get("family", "csr") == family and "ms" in r), None)
@@ -1890,7 +1900,7 @@ def render_markdown(env: dict, manifest: dict, rows: list[dict], summary: dict, 
          "2*nnz*OH*OW*N flops at 67 TFLOP/s and the bytes (input, output, CSR) at 4.3 TB/s.", "",
          "Two kernels of ours: `CSR` is `cuda.register_tiled` (CSR arrays, reads the padded input: its time is "
          "kernel + pad); `specialized` is `cuda.specialized` (weights as immediates in the code, no index arrays, "
-         "pads on chip: its time is the kernel alone), built for layers with at most "
+         "pads on chip: its time is the kernel alone, or kernel + pad where it reads a padded input, `pad_input`), built for layers with at most "
          f"{next((r['spec_max_nnz'] for r in rows if r.get('spec_max_nnz')), 'MAX_NONZEROS')} nonzeros, each "
          "kernel in a module of its own, and timed the same way. `best of ours` is the faster of the two per layer "
          "(the CSR kernel where the specialised one is missing); the speedups `x ...` and floor/best in the "
@@ -1967,8 +1977,8 @@ def write_reports(out: Path, manifest: dict, ours_metric: str, command: str, plo
               "method": {"baselines": "triton.testing.do_bench(warmup=25, rep=100, return_mode='median'), L2 flushed "
                                       "before every call (as measure_anchors.py)",
                          "kernel": "same do_bench as the baselines", "pad": "same do_bench; F.pad + reshape",
-                         "specialized": "same do_bench, kernel alone (it reads the NCHW input; no pad op)",
-                         "best": "per layer the faster of CSR (kernel + pad) and specialized (kernel)",
+                         "specialized": "same do_bench, kernel (+ pad where pad_input: the pad op the graph emits)",
+                         "best": "per layer the faster of CSR (kernel + pad) and specialized (kernel [+ pad])",
                          "kernel_stream": "median per-launch time of back-to-back launches between CUDA events, "
                                           "input rotated over copies totalling > 2x L2 (see rows[].stream), "
                                           "weights L2-resident",

@@ -145,6 +145,11 @@ def _spec_variants(rule, spec, weight, all_changes: bool):
         else:
             seen.add(k)
             out.append((name, k, None))
+    try:  # the row layout (unstaged, span_images, the graph's padded input): a whole other set of knobs
+        span = rule.span_knobs(spec, weight)
+        out.append(("span", span, None) if span not in seen else ("span", None, "same knobs as an earlier variant"))
+    except ValueError as e:
+        out.append(("span", None, f"span_knobs refused: {e}"))
     return out
 
 
@@ -190,10 +195,11 @@ def prepare_specialized(d: Path, rng) -> list[dict]:
             except ValueError as e:  # e.g. a staged tile over 48 KB of shared memory
                 entries.append(dict(entry, skipped=f"apply refused: {e}"))
                 continue
-            assert plan.padded_input is False, (name, vname)
+            assert plan.padded_input == knobs.pad_input and not plan.extra_images, (name, vname)
             assert all(a.dtype == np.int32 and not a.any() for a in plan.weight_arrays), (name, vname)  # counters
             funcs[sym] = plan.func.with_attr("global_symbol", sym)
-            kernels.append(dict(entry, counters=[int(a.shape[0]) for a in plan.weight_arrays]))
+            kernels.append(dict(entry, counters=[int(a.shape[0]) for a in plan.weight_arrays],
+                                padded_input=plan.padded_input, hp=plan.hp, wp=plan.wp))
         t0 = time.time()
         with target:
             ex = tvm.compile(tvm.IRModule(funcs), target=target)
@@ -374,7 +380,11 @@ def run(d: Path, out: Path | None) -> int:
                 libs[k["so"]] = tvm.runtime.load_module(str(d / k["so"]))
             case = np.load(d / k["data"])
             work = [np.zeros(n, np.int32) for n in k.get("counters", [])]  # sm_affine's work counters
-            args = [case["x"], *work, case["b"]] + ([case["residual"]] if k["residual"] else [])
+            x = case["x"]
+            if k.get("padded_input"):  # pad_input: the kernel reads x_pad[N, C*Hp*Wp], as the graph pass pads it
+                x = padded_input(x, ConvSpec(**{n: tuple(v) if isinstance(v, list) else v
+                                                for n, v in k["spec"].items()}), k["hp"], k["wp"])
+            args = [x, *work, case["b"]] + ([case["residual"]] if k["residual"] else [])
             args = [tvm.runtime.tensor(a, dev) for a in args]
             good, e, bad = True, 0.0, 0
             for _ in range(2):  # twice: a kernel must leave its work counters as it found them

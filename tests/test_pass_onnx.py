@@ -412,3 +412,33 @@ def test_strided_1x1_is_subsampled_on_cuda_only(rng):
     mod, params = escort_tvm.from_onnx(model)
     cuda = escort_tvm.build(mod, params, {"kind": "cuda", "arch": "sm_90"}, kernel="specialized")
     assert "subsampled first" in cuda.report[0].notes[-1], cuda.report_text()
+
+
+def test_specialized_row_layout_gets_the_graphs_pad_op(rng):
+    """A specialised plan with pad_input (the row layout, SpecializedCUDA.span_knobs) reads x_pad[N, C*Hp*Wp]:
+    the pass must emit the pad and the reshape before the kernel, and the whole graph must compile for CUDA
+    (its numerics run in gpu_check.py and the GPU-marked tests: the kernel is CUDA only)."""
+    import tvm
+    from tvm import relax
+
+    from escort_tvm.compiler import bind_params
+    from relay_passes import rewrite_sparse_convs
+    from relay_passes.sparse_conv_rewrite import conv_weight_names
+    from schedules import SpecializedCUDA
+
+    w = pruned(rng, (8, 8, 3, 3), 0.8)
+    model = _single_conv(w, hw=(7, 7))
+    mod, params = escort_tvm.from_onnx(model)
+    names = conv_weight_names(mod["main"])
+    mod, _ = bind_params(mod, params)
+    mod = relax.transform.FoldConstant()(mod)
+    rule = SpecializedCUDA()
+    lookup = lambda spec, weight, name: rule.span_knobs(spec, weight).as_dict() if name == rule.name else None  # noqa: E731
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    new, (rep,) = rewrite_sparse_convs(mod, target, 0.7, lookup, names, kernel="specialized")
+    assert rep.kernel == "specialized" and "'pad_input': True" in rep.schedule, rep.line()
+    script = new["main"].script()
+    assert "R.nn.pad" in script and "R.reshape" in script, script
+    assert script.index("R.nn.pad") < script.index("R.call_tir"), script
+    with target:
+        tvm.compile(new, target=target)

@@ -39,6 +39,11 @@ SIGNATURE_CASES = [
     ("3x3_image_tile_b16", ConvSpec(N=16, C=8, H=13, W=13, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.8,
      Epilogue(relu=True), {}),
     ("1x1_span_b17", ConvSpec(N=17, C=16, H=7, W=7, K=8, KH=1, KW=1), 0.7, Epilogue(), {}),
+    # the row layout of a KxK conv: unstaged, the batch's pixels as one row, the graph's padded input
+    ("3x3_span_pad_input_b5", ConvSpec(N=5, C=16, H=7, W=7, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
+     Epilogue(relu=True, residual=True), "span"),
+    ("5x3_s2_span_b3", ConvSpec(N=3, C=8, H=11, W=9, K=8, KH=5, KW=3, stride=(2, 2), pad=(1, 0, 2, 1)), 0.6,
+     Epilogue(), "span"),
 ]
 
 
@@ -67,10 +72,14 @@ def test_specialized_device_code_reads_no_index_array(cuda_target, rng, tmp_path
                                                       change):
     w = pruned(rng, spec.weight_shape, sparsity)
     weight = SparseConvWeight.from_dense(w, spec.groups)
-    knobs = RULE.default_knobs(spec, weight).with_(**change)
+    knobs = RULE.span_knobs(spec, weight) if change == "span" else RULE.default_knobs(spec, weight).with_(**change)
     plan = RULE.apply(spec, weight, epilogue, knobs)
     # sm_affine's only array: the work-queue counters, zero (they are not an index structure: see below)
-    assert all(a.dtype == np.int32 and not a.any() for a in plan.weight_arrays) and plan.padded_input is False
+    assert all(a.dtype == np.int32 and not a.any() for a in plan.weight_arrays)
+    # pad_input: x is x_pad[N, C*Hp*Wp] (the graph pass pads and reshapes), else the NCHW input
+    assert plan.padded_input == knobs.pad_input and plan.needs_pad_op == knobs.pad_input
+    x_shape = [int(d) for d in plan.func.params[0].ty.shape]
+    assert x_shape == ([spec.N, spec.C * spec.Hp * spec.Wp] if knobs.pad_input else list(spec.input_shape))
     assert len(plan.weight_arrays) == int(knobs.sm_affine)
     want = ["x"] + (["work"] if knobs.sm_affine else []) + ["bias"] + (["residual"] if epilogue.residual else []) + ["y"]
     assert [p.name for p in plan.func.params] == want
@@ -109,12 +118,16 @@ KNOB_CASES = [
     ("5x3_s2_asym_groups2", ConvSpec(N=1, C=4, H=11, W=9, K=4, KH=5, KW=3, stride=(2, 2), pad=(1, 0, 2, 1),
                                      groups=2), 0.6),
     ("3x3_deep", ConvSpec(N=1, C=64, H=6, W=6, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.95),  # 8 chunks: input_parts
+    # from the row layout (span_knobs) rather than the default: its knob values (pad_input) and their changes
+    ("3x3_span", ConvSpec(N=3, C=16, H=7, W=7, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7),
 ]
 REFUSALS = ("threads_x*threads_y", "shared memory",
             "rows_per_thread > 1 needs stage_input", "rows_per_thread > 1 does not apply",
             "tiles_per_block > 1 needs stage_input", "tiles_per_block > 1 needs channel_split",
-            "channel chunks of a conv group", "span_images needs", "span_images applies only", "image_tile needs",
-            "image_tile does not apply", "threads per block (channel_split and images_per_block included")
+            "channel chunks of a conv group", "span_images needs", "image_tile needs",
+            "image_tile does not apply", "threads per block (channel_split and images_per_block included",
+            "pad_input needs stage_input", "pad_input applies only", "span_images and image_tile",
+            "span_images on a padded conv needs pad_input")
 
 
 def _one_knob_changes(default: SpecializedKnobs):
@@ -131,7 +144,7 @@ def knob_results(cuda_target):
     rng = np.random.default_rng(7)
     for name, spec, sparsity in KNOB_CASES:
         weight = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, sparsity), spec.groups)
-        default = RULE.default_knobs(spec, weight)
+        default = RULE.span_knobs(spec, weight) if name.endswith("_span") else RULE.default_knobs(spec, weight)
         funcs, compiled, refused = {}, [], []
         for i, (field, v, knobs) in enumerate([("default", None, default), *_one_knob_changes(default)]):
             try:
@@ -183,13 +196,15 @@ def test_specialized_refuses_staged_tile_over_shared_memory(rng):
 def test_specialized_matches_reference_on_gpu(cuda_target, rng, name, spec, sparsity, epilogue, change):
     w = pruned(rng, spec.weight_shape, sparsity)
     weight = SparseConvWeight.from_dense(w, spec.groups)
-    plan = RULE.apply(spec, weight, epilogue, RULE.default_knobs(spec, weight).with_(**change))
+    knobs = RULE.span_knobs(spec, weight) if change == "span" else RULE.default_knobs(spec, weight).with_(**change)
+    plan = RULE.apply(spec, weight, epilogue, knobs)
     with cuda_target:
         lib = tvm.compile(tvm.IRModule({"k": plan.func.with_attr("global_symbol", "k")}), target=cuda_target)
     dev = tvm.cuda(0)
     x, b = randn(rng, spec.input_shape), randn(rng, (spec.K,), 0.5)
     res = randn(rng, spec.output_shape) if epilogue.residual else None
-    args = [x, b] + ([res] if epilogue.residual else []) + [np.full(spec.output_shape, np.nan, np.float32)]
+    args = [plan.prepare_input(x), b] + ([res] if epilogue.residual else []) + [np.full(spec.output_shape, np.nan,
+                                                                                         np.float32)]
     targs = [tvm.runtime.tensor(a, dev) for a in args]
     lib["k"](*targs)
     dev.sync()
