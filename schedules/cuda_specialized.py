@@ -72,6 +72,10 @@ FUNCTION_NONZEROS = 1 << 16
 # measured and take the batch-1 rule.
 SMALL_BATCH_MAX_NONZEROS = 32768
 ALL_LAYERS_BATCH = 4
+# An unstaged padded conv reads its taps from one base address per kernel position (kh, kw), each pointing at
+# the input or, where that position falls in the padding, at a zero page (a zeroed C*H*W array): no predicate,
+# no pad op. Two registers per base, so up to 5x5 kernels; larger ones keep predicated loads.
+ZERO_PAGE_TAPS = 25
 LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 STEM_BATCH = 8  # from which the rule takes a network's dense stem (takes_dense; measured at 8 and 32)
 
@@ -187,6 +191,11 @@ class _Geometry:
         return cls(False, spec.OH, spec.OW, k.threads_x, k.threads_y, k.rows_per_thread, k.tiles_per_block)
 
     @property
+    def spans(self) -> bool:
+        """Threads take their (image, pixel) from their place in a row over the batch (a KxK row even at N=1)."""
+        return self.row_images > 1 or self.span_ow > 0
+
+    @property
     def NT(self) -> int:
         """Threads of one tile."""
         return self.TX * self.TY
@@ -271,8 +280,9 @@ def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
     geo = _Geometry.of(spec, k)
     if k.rows_per_thread > 1 and geo.flat:
         raise ValueError("rows_per_thread > 1 does not apply to a 1x1 stride-1 unpadded conv (flat mode)")
-    if k.span_images and not geo.flat and any(spec.pad) and not k.pad_input:
-        raise ValueError("span_images on a padded conv needs pad_input (the row's taps are unpredicated loads)")
+    if k.span_images and not geo.flat and any(spec.pad) and not k.pad_input and not uses_zero_page(spec, k):
+        raise ValueError(f"span_images on a padded {spec.KH}x{spec.KW} conv needs pad_input (over {ZERO_PAGE_TAPS} "
+                         "kernel positions there is no zero page; the row's taps are unpredicated loads)")
     if k.pad_input and not any(spec.pad):
         raise ValueError("pad_input applies only to a padded conv")
     if k.image_tile:
@@ -285,6 +295,11 @@ def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
     if shared_floats(spec, k) * 4 > SHARED_LIMIT:
         raise ValueError(f"{k} stages {shared_floats(spec, k) * 4} bytes of shared memory "
                          f"(limit {SHARED_LIMIT}) for {spec.describe()}")
+
+
+def uses_zero_page(spec: ConvSpec, k: SpecializedKnobs) -> bool:
+    """Whether the kernel reads padding from a zero page (see ZERO_PAGE_TAPS): an unstaged padded conv."""
+    return not k.stage_input and not k.pad_input and any(spec.pad) and spec.KH * spec.KW <= ZERO_PAGE_TAPS
 
 
 def _fits(spec: ConvSpec, k: SpecializedKnobs) -> bool:
@@ -427,13 +442,15 @@ class SpecializedCUDA(SparseConvRule):
 
     def span_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
         """The row layout for a KxK conv: unstaged, the output pixels of the whole batch as one row (every thread
-        busy, where 2-D tiles of a 7x7 to 14x14 output leave 23-34% idle), the input padded by the graph so every
-        tap is an unpredicated global load at an immediate offset; channels and slices from the fill rule."""
+        busy, where 2-D tiles of a 7x7 to 14x14 output leave 23-34% idle), every tap an unpredicated global load at
+        an immediate offset (padding from the zero page; over 5x5, from the graph's pad op); channels and slices
+        from the fill rule."""
         flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
         if flat:  # flat mode's default is this layout already
             return self.default_knobs(spec, weight)
-        base = SpecializedKnobs(threads_x=128, threads_y=1, stage_input=False, span_images=True,
-                                pad_input=any(spec.pad))
+        base = SpecializedKnobs(threads_x=128, threads_y=1, stage_input=False, span_images=True)
+        if any(spec.pad) and not uses_zero_page(spec, base):  # over 5x5: the graph pads
+            base = base.with_(pad_input=True)
         kg, ks = self._fill(spec, base, reuse=True)
         return self._cut_functions(spec, weight, base.with_(channels_per_thread=kg, channel_split=ks))
 
@@ -465,6 +482,8 @@ class SpecializedCUDA(SparseConvRule):
         func = specialized_cuda_kernel(kspec, groups, epilogue, knobs, self.kernel_nonzeros, self.fill_warps)
         work = next((p for p in func.params if p.name == "work"), None)
         arrays = (np.zeros(int(work.ty.shape[0]), np.int32),) if work is not None else ()
+        if uses_zero_page(kspec, knobs):  # the zero page: read where a tap falls in the padding
+            arrays += (np.zeros(spec.C * spec.H * spec.W, np.float32),)
         return KernelPlan(func, kspec.H, kspec.W, arrays, self.name, knobs, spec, padded_input=knobs.pad_input)
 
 
@@ -587,7 +606,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
     KS, IB, TB, TI = k.channel_split, k.images_per_block, geo.TB, geo.images
 
-    def emit_part(xf, bias, rf, yf, part: list[ChannelGroup], piece: int, work=None, work_at: int = 0):
+    zero_page = uses_zero_page(spec, k)
+
+    def emit_part(xf, bias, rf, yf, part: list[ChannelGroup], piece: int, work=None, work_at: int = 0, zf=None):
         """One kernel: blockIdx.z picks a group of ``part``; threadIdx.z a slice of its chunk loop. It covers
         input piece ``piece`` of ``k.input_parts`` (a contiguous run of each conv group's channel chunks)."""
         KG = max(g.size for g in part)
@@ -636,14 +657,14 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
             tile_r, tile_c = tile // geo.tiles_x, tile % geo.tiles_x
             tid = ty * TX + tx
-            if geo.row_images > 1:  # span_images: pixel g of the flat row is pixel g % OW of image g // OW
+            if geo.spans:  # span_images: pixel g of the flat row is pixel g % OW of image g // OW
                 g_row = tile_c * TX + tx
                 g_in = T.min(g_row, N * geo.OW - 1)  # threads past the batch's end read in bounds
 
             def image(t):
                 """Tile ``t``'s image: (index, stored?, index to load). An image past N (in the last block)
                 loads image N - 1 and stores nothing."""
-                if geo.row_images > 1:
+                if geo.spans:
                     return g_in // geo.OW, g_row < N * geo.OW, g_in // geo.OW
                 n_t = img * TI + t if TI > 1 else n
                 if N % (IB * TI) == 0:
@@ -661,7 +682,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 if geo.linear:  # idle threads past the image's last pixel take it as theirs (reads in bounds)
                     p = T.min(tid, geo.OH * geo.OW - 1)
                     return p // geo.OW, p % geo.OW
-                if geo.row_images > 1:
+                if geo.spans:
                     p = g_in % geo.OW
                     return (p // geo.span_ow, p % geo.span_ow) if geo.span_ow else (i32(0), p)
                 if geo.flat:
@@ -803,6 +824,16 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     slice_code(gi, taps_of(gi))
 
                 def slice_code(gi, taps):
+                    if zero_page:  # a base per kernel position: in the input, or (in the padding) the zero page
+                        # One block per position, so one base register is live at a time (nine at once took
+                        # 80 registers against 48 on a 3x3 conv). An outside position's address is formed, never read.
+                        for kh, kw in sorted({(t.kh, t.kw) for t in taps}):
+                            ih, iw = ohc * sh + (kh * dh - pt), owc * sw + (kw * dw - pl)
+                            run = ptx_taps.TapRun("global", tuple((4 * t.c * HW, t.fmas) for t in taps
+                                                                  if (t.kh, t.kw) == (kh, kw)), guarded=True)
+                            ptx_taps.emit(T, run, acc, T.address_of(xf[nl * C * HW + ih * W + iw]),
+                                          tvm.tirx.all(ih >= 0, ih < H, iw >= 0, iw < W), T.address_of(zf[0]))
+                        return
                     if padded and not geo.flat:  # predicated loads: one C statement per tap and FMA
                         for t in taps:
                             fmas(t, load_direct(t))
@@ -888,6 +919,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             if k.sm_affine:  # each launch's work counters, one after the other
                 at = np.cumsum([0] + [work_queue.counters(len(part)) for part, _ in launches])
                 work = T.arg("work", T.buffer((int(at[-1]),), "int32"))
+            zeros = T.arg("zeros", T.buffer((C * H * W,), "float32")) if zero_page else None
             bias = T.arg("bias", T.buffer((K,), "float32"))
             res = T.arg("residual", T.buffer((N, K, OH, OW), "float32")) if residual else None
             y = T.arg("y", T.buffer((N, K, OH, OW), "float32"))
@@ -896,7 +928,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             rf = T.decl_buffer((N * K * OH * OW,), "float32", data=res.data) if residual else None
             for li, (part, piece) in enumerate(launches):  # each input piece adds to the one before
                 if k.sm_affine:
-                    emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece, work, int(at[li]))
+                    emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece, work, int(at[li]), zf=zeros)
                 else:
-                    emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece)
+                    emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece, zf=zeros)
     return ib.get()

@@ -26,6 +26,9 @@ class TapRun:
 
     space: str  # "shared" (staged tile) or "global" (read-only path)
     taps: tuple[tuple[int, tuple[tuple[int, float], ...]], ...]  # (byte offset, ((acc slot, weight), ...))
+    # The base comes with a condition, and the macro takes a second address read from where it is false (a zero
+    # page, for a kernel position that falls in the padding): the select is one C expression outside the block.
+    guarded: bool = False
 
     @property
     def slots(self) -> list[int]:
@@ -43,14 +46,14 @@ def render(run: TapRun) -> tuple[str, str]:
     The name is a hash of the text, so blocks from different convs of one module never collide.
     """
     slots = run.slots
-    if len(slots) + 1 > MAX_OPERANDS:
+    if len(slots) + 1 > MAX_OPERANDS:  # (the guard and fallback fold into the one address operand)
         raise ValueError(f"a tap run with {len(slots)} accumulators exceeds the inline-asm operand limit")
     op = {j: i for i, j in enumerate(slots)}
     base = len(slots)
     if run.space == "shared":
         load, ptr = "ld.shared.f32", '"r"((unsigned)__cvta_generic_to_shared(p))'
     elif run.space == "global":
-        load, ptr = "ld.global.nc.f32", '"l"(p)'
+        load, ptr = "ld.global.nc.f32", '"l"((c) ? (p) : (z))' if run.guarded else '"l"(p)'
     else:
         raise ValueError(f"unknown memory space {run.space!r}")
     body = []
@@ -60,20 +63,25 @@ def render(run: TapRun) -> tuple[str, str]:
         body.append(f"{load} t, [%{base}+{off}];")
         body += [f"fma.rn.f32 %{op[j]}, t, {_imm(w)}, %{op[j]};" for j, w in fmas]
     text = "{ .reg .f32 t; " + " ".join(body) + " }"
-    name = "escort_taps_" + hashlib.sha1(f"{run.space}|{text}".encode()).hexdigest()[:16]
-    args = ", ".join([f"a{i}" for i in range(len(slots))] + ["p"])
+    if run.guarded and run.space != "global":
+        raise ValueError("a guarded base (zero page) is for global loads")
+    name = "escort_taps_" + hashlib.sha1(f"{run.space}|{run.guarded}|{text}".encode()).hexdigest()[:16]
+    args = ", ".join([f"a{i}" for i in range(len(slots))] + (["c", "p", "z"] if run.guarded else ["p"]))
     outs = ", ".join(f'"+f"(a{i})' for i in range(len(slots)))
     return name, f'#define {name}({args}) asm volatile("{text}" : {outs} : {ptr} : "memory")\n'
 
 
-def emit(T, run: TapRun, acc, base_ptr) -> None:
-    """Emit the run as one statement. ``acc``: one-element local buffers per slot; ``base_ptr``: address."""
+def emit(T, run: TapRun, acc, base_ptr, guard=None, fallback=None) -> None:
+    """Emit the run as one statement. ``acc``: one-element local buffers per slot; ``base_ptr``: address; a
+    ``guarded`` run reads from ``fallback`` instead where ``guard`` is false."""
     from tvm.backend.cuda.op import cuda_func_call
 
     if not run.taps:
         return
+    if run.guarded != (guard is not None and fallback is not None):
+        raise ValueError("a guarded run needs its guard and fallback address (and only a guarded one)")
     name, source = render(run)
-    args = [acc[j][0] for j in run.slots] + [base_ptr]
+    args = [acc[j][0] for j in run.slots] + ([guard, base_ptr, fallback] if run.guarded else [base_ptr])
     T.evaluate(cuda_func_call(name, *args, source_code=source))
 
 

@@ -408,6 +408,7 @@ SPEC_CHANGES = {
     "staged": ("stage_input", lambda v: True),
     "ip_2": ("input_parts", lambda v: 2), "ip_4": ("input_parts", lambda v: 4), "ip_8": ("input_parts", lambda v: 8),
     "sm_affine": ("sm_affine", lambda v: True), "pad_on_chip": ("pad_on_chip", lambda v: True),
+    "pad_input": ("pad_input", lambda v: not v),
     "image_tile_flip": ("image_tile", lambda v: not v), "span_flip": ("span_images", lambda v: not v),
 }
 DEFAULT_SPEC_CACHE = ROOT / ".gpu" / "spec-cache"
@@ -539,10 +540,11 @@ def build_specialized(job: dict) -> dict:
         return {**out, "status": "error",
                 "error": "the kernel's TIR differs from the one prepare hashed: the sources changed mid-run "
                          "(its cache key would lie)"}
-    workspace = [int(a.shape[0]) for a in plan.weight_arrays]  # the work-queue counters of sm_affine, zeroed
-    if any(a.dtype != np.int32 or a.ndim != 1 or a.any() for a in plan.weight_arrays):
+    # the work-queue counters of sm_affine (int32) and the zero page of an unstaged padded conv (float32), zeroed
+    workspace = [[int(a.shape[0]), str(a.dtype)] for a in plan.weight_arrays]
+    if any(str(a.dtype) not in ("int32", "float32") or a.ndim != 1 or a.any() for a in plan.weight_arrays):
         raise RuntimeError(f"{rule.name} plan has weight arrays {[a.dtype for a in plan.weight_arrays]}; bench.py "
-                           "passes (x, [zeroed int32 counters], bias, y)")
+                           "passes (x, [zeroed int32 counters], [zero page], bias, y)")
     # x as the graph pass lays it out: NCHW, or x_pad[N, C*Hp*Wp] after the pad op it emits (pad_input)
     out["first_input"] = (first_input.describe(plan, spec) if plan.padded_input
                           else {"padded": False, "shape": list(spec.input_shape)})
@@ -903,8 +905,9 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                  "default": job["name"] == "default", "rule": srule.name, "knobs": job["build"]["knobs"],
                  "so": Path(job["dest"]).name, "params": res["params"], "first_input": res.get("first_input") or {"padded": False, "shape": res["params"][0][1]},  # (older cache: NCHW)
                  "cached": bool(res.get("cached")),
-                 "arrays": [{"key": f"zeros{j}", "shape": [n], "dtype": "int32", "zeros": True}  # made on the GPU
-                            for j, n in enumerate(res.get("workspace", []))]}
+                 "arrays": [{"key": f"zeros{j}", "shape": [n], "dtype": dt, "zeros": True}  # made on the GPU
+                            for j, (n, dt) in enumerate([w if isinstance(w, list) else [w, "int32"]  # (older cache)
+                                                         for w in res.get("workspace", [])])]}
             for k in ("program", "compile", "code", "resources", "device_params", "ptx_global_loads"):
                 v[k] = res.get(k)
             sp_entry["variants"].append(v)
@@ -1367,7 +1370,8 @@ def measure_worker(args) -> int:
             xin = gpu.first_input(x, v["first_input"])  # NCHW (pads on chip), or after the graph's pad op
             if list(xin.shape) != v["first_input"]["shape"]:
                 raise RuntimeError(f"first input {list(xin.shape)} != manifest {v['first_input']['shape']}")
-            arrays = [torch.zeros(a["shape"], dtype=torch.int32, device="cuda") if a.get("zeros")  # sm_affine counters
+            arrays = [torch.zeros(a["shape"], dtype=getattr(torch, a.get("dtype", "int32")), device="cuda")  # counters,
+                      if a.get("zeros")  # zero page
                       else torch.from_numpy(np.ascontiguousarray(z[a["key"]])).cuda() for a in v["arrays"]]
             y = torch.full(y_shape, float("nan"), device="cuda")
             targs = [gpu.t(t) for t in (xin, *arrays, bias, y)]

@@ -196,9 +196,10 @@ def prepare_specialized(d: Path, rng) -> list[dict]:
                 entries.append(dict(entry, skipped=f"apply refused: {e}"))
                 continue
             assert plan.padded_input == knobs.pad_input and not plan.extra_images, (name, vname)
-            assert all(a.dtype == np.int32 and not a.any() for a in plan.weight_arrays), (name, vname)  # counters
+            # sm_affine's work counters (int32) and the zero page of an unstaged padded conv (float32), all zero
+            assert all(str(a.dtype) in ("int32", "float32") and not a.any() for a in plan.weight_arrays), (name, vname)
             funcs[sym] = plan.func.with_attr("global_symbol", sym)
-            kernels.append(dict(entry, counters=[int(a.shape[0]) for a in plan.weight_arrays],
+            kernels.append(dict(entry, zeros=[[int(a.shape[0]), str(a.dtype)] for a in plan.weight_arrays],
                                 padded_input=plan.padded_input, hp=plan.hp, wp=plan.wp))
         t0 = time.time()
         with target:
@@ -379,7 +380,7 @@ def run(d: Path, out: Path | None) -> int:
             if k["so"] not in libs:
                 libs[k["so"]] = tvm.runtime.load_module(str(d / k["so"]))
             case = np.load(d / k["data"])
-            work = [np.zeros(n, np.int32) for n in k.get("counters", [])]  # sm_affine's work counters
+            work = [np.zeros(n, dt) for n, dt in k.get("zeros", [])]  # sm_affine's counters, the zero page
             x = case["x"]
             if k.get("padded_input"):  # pad_input: the kernel reads x_pad[N, C*Hp*Wp], as the graph pass pads it
                 x = padded_input(x, ConvSpec(**{n: tuple(v) if isinstance(v, list) else v
@@ -395,9 +396,8 @@ def run(d: Path, out: Path | None) -> int:
                 e = max(e, rel(yn, ref) if np.abs(ref).max() > 0 else float(np.abs(yn - ref).max()))
                 bad += int((~np.isfinite(yn)).sum())
                 good &= bool(np.isfinite(yn).all() and e < 1e-4)
-            if work:
-                left = args[1].numpy() if len(work) == 1 else None
-                good &= left is not None and not left.any()
+            if work:  # the counters back at zero, the zero page still zero (a read-only page)
+                good &= all(not a.numpy().any() for a in args[1:1 + len(work)])
             rec.update(rel_err=e, nonfinite=bad, ok=good)
         except Exception as ex:  # a launch failure is a failed check, not the end of the run
             good = False

@@ -414,10 +414,12 @@ def test_strided_1x1_is_subsampled_on_cuda_only(rng):
     assert "subsampled first" in cuda.report[0].notes[-1], cuda.report_text()
 
 
-def test_specialized_row_layout_gets_the_graphs_pad_op(rng):
-    """A specialised plan with pad_input (the row layout, SpecializedCUDA.span_knobs) reads x_pad[N, C*Hp*Wp]:
-    the pass must emit the pad and the reshape before the kernel, and the whole graph must compile for CUDA
-    (its numerics run in gpu_check.py and the GPU-marked tests: the kernel is CUDA only)."""
+@pytest.mark.parametrize("pad_input", [True, False])
+def test_specialized_row_layout_gets_its_padding(rng, pad_input):
+    """The row layout (SpecializedCUDA.span_knobs) of a padded conv reads its padding from a zero page that the
+    pass hands over as a constant, or (pad_input) x_pad[N, C*Hp*Wp], for which the pass emits the pad and the
+    reshape before the kernel. The whole graph must compile for CUDA (the numerics run in gpu_check.py and the
+    GPU-marked tests: the kernel is CUDA only)."""
     import tvm
     from tvm import relax
 
@@ -433,12 +435,18 @@ def test_specialized_row_layout_gets_the_graphs_pad_op(rng):
     mod, _ = bind_params(mod, params)
     mod = relax.transform.FoldConstant()(mod)
     rule = SpecializedCUDA()
-    lookup = lambda spec, weight, name: rule.span_knobs(spec, weight).as_dict() if name == rule.name else None  # noqa: E731
+
+    def lookup(spec, weight, name):
+        return rule.span_knobs(spec, weight).with_(pad_input=pad_input).as_dict() if name == rule.name else None
+
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     new, (rep,) = rewrite_sparse_convs(mod, target, 0.7, lookup, names, kernel="specialized")
-    assert rep.kernel == "specialized" and "'pad_input': True" in rep.schedule, rep.line()
+    assert rep.kernel == "specialized" and f"'pad_input': {pad_input}" in rep.schedule, rep.line()
     script = new["main"].script()
-    assert "R.nn.pad" in script and "R.reshape" in script, script
-    assert script.index("R.nn.pad") < script.index("R.call_tir"), script
+    assert ("R.nn.pad" in script) == pad_input, script
+    if pad_input:
+        assert "R.reshape" in script and script.index("R.nn.pad") < script.index("R.call_tir"), script
+    kernel = next(f for gv, f in new.functions.items() if gv.name_hint == rep.function)
+    assert [p.name for p in kernel.params][:2] == (["x", "bias"] if pad_input else ["x", "zeros"])
     with target:
         tvm.compile(new, target=target)

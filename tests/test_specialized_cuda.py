@@ -19,7 +19,7 @@ import tvm
 from escort_tvm import ConvSpec, Epilogue, SparseConvWeight
 from escort_tvm.compute import conv2d_reference
 from schedules import SpecializedCUDA, SpecializedKnobs
-from schedules.cuda_specialized import MAX_NONZEROS
+from schedules.cuda_specialized import MAX_NONZEROS, uses_zero_page
 from _helpers import GLOBAL_FN, assert_close, cuda_source, pruned, randn
 
 RULE = SpecializedCUDA()
@@ -39,12 +39,24 @@ SIGNATURE_CASES = [
     ("3x3_image_tile_b16", ConvSpec(N=16, C=8, H=13, W=13, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.8,
      Epilogue(relu=True), {}),
     ("1x1_span_b17", ConvSpec(N=17, C=16, H=7, W=7, K=8, KH=1, KW=1), 0.7, Epilogue(), {}),
-    # the row layout of a KxK conv: unstaged, the batch's pixels as one row, the graph's padded input
+    # the row layout of a KxK conv (unstaged, the batch's pixels as one row): padding from the zero page, or
+    # (pad_input) from the graph's pad op
+    ("3x3_span_b5", ConvSpec(N=5, C=16, H=7, W=7, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
+     Epilogue(relu=True, residual=True), ("span", {})),
     ("3x3_span_pad_input_b5", ConvSpec(N=5, C=16, H=7, W=7, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
-     Epilogue(relu=True, residual=True), "span"),
+     Epilogue(relu=True), ("span", {"pad_input": True})),
     ("5x3_s2_span_b3", ConvSpec(N=3, C=8, H=11, W=9, K=8, KH=5, KW=3, stride=(2, 2), pad=(1, 0, 2, 1)), 0.6,
-     Epilogue(), "span"),
+     Epilogue(), ("span", {"channels_per_thread": 4})),
+    ("7x7_span_b2", ConvSpec(N=2, C=3, H=15, W=15, K=8, KH=7, KW=7, stride=(2, 2), pad=(3, 3, 3, 3)), 0.5,
+     Epilogue(), ("span", {})),  # over 5x5: no zero page, the graph pads
 ]
+
+
+def _knobs(spec, weight, change):
+    """The default knobs with ``change`` (a dict), or ``("span", change)``: the row layout's with it."""
+    if isinstance(change, tuple):
+        return RULE.span_knobs(spec, weight).with_(**change[1])
+    return RULE.default_knobs(spec, weight).with_(**change)
 
 
 def _ptx(source: str, tmp_path) -> str:
@@ -72,16 +84,20 @@ def test_specialized_device_code_reads_no_index_array(cuda_target, rng, tmp_path
                                                       change):
     w = pruned(rng, spec.weight_shape, sparsity)
     weight = SparseConvWeight.from_dense(w, spec.groups)
-    knobs = RULE.span_knobs(spec, weight) if change == "span" else RULE.default_knobs(spec, weight).with_(**change)
+    knobs = _knobs(spec, weight, change)
     plan = RULE.apply(spec, weight, epilogue, knobs)
     # sm_affine's only array: the work-queue counters, zero (they are not an index structure: see below)
-    assert all(a.dtype == np.int32 and not a.any() for a in plan.weight_arrays)
+    # ... and an unstaged padded conv's zero page (float32, read where a tap falls in the padding), zero too
+    assert all(str(a.dtype) in ("int32", "float32") and not a.any() for a in plan.weight_arrays)
     # pad_input: x is x_pad[N, C*Hp*Wp] (the graph pass pads and reshapes), else the NCHW input
     assert plan.padded_input == knobs.pad_input and plan.needs_pad_op == knobs.pad_input
     x_shape = [int(d) for d in plan.func.params[0].ty.shape]
     assert x_shape == ([spec.N, spec.C * spec.Hp * spec.Wp] if knobs.pad_input else list(spec.input_shape))
-    assert len(plan.weight_arrays) == int(knobs.sm_affine)
-    want = ["x"] + (["work"] if knobs.sm_affine else []) + ["bias"] + (["residual"] if epilogue.residual else []) + ["y"]
+    zero_page = uses_zero_page(spec, knobs)
+    assert zero_page == (not knobs.stage_input and any(spec.pad) and not knobs.pad_input and spec.KH * spec.KW <= 25)
+    assert len(plan.weight_arrays) == int(knobs.sm_affine) + int(zero_page)
+    want = ["x"] + (["work"] if knobs.sm_affine else []) + (["zeros"] if zero_page else []) + ["bias"] + \
+        (["residual"] if epilogue.residual else []) + ["y"]
     assert [p.name for p in plan.func.params] == want
     sym = f"spec_{name}"
     with cuda_target:
@@ -100,6 +116,10 @@ def test_specialized_device_code_reads_no_index_array(cuda_target, rng, tmp_path
     # the counters are only taken (atomicAdd) and reset inside the work-queue macros, never indexed by the FMAs
     uses = [ln.strip() for ln in source.splitlines() if "work_ptr" in ln and "__global__" not in ln]
     assert all(re.match(r"escort_(?:take|finish)_\d+_\d+\(", u) for u in uses), uses
+    # the zero page is only ever the fallback address of a tap block (read where a position is in the padding)
+    uses = [ln.strip() for ln in source.splitlines() if "zeros" in ln and "__global__" not in ln]
+    assert all(re.match(r"escort_taps_\w+\(.*\(&\(zeros_ptr\[0\]\)\)\);$", u) for u in uses), uses[:3]
+    assert bool(uses) == zero_page
     ptx = _ptx(source, tmp_path)
     entry = re.search(r"\.entry\s+" + kernel + r"\s*\((.*?)\)", ptx, re.S)
     assert entry and entry.group(1).count(".param") == len(want), entry.group(1) if entry else ptx[:2000]
@@ -196,7 +216,7 @@ def test_specialized_refuses_staged_tile_over_shared_memory(rng):
 def test_specialized_matches_reference_on_gpu(cuda_target, rng, name, spec, sparsity, epilogue, change):
     w = pruned(rng, spec.weight_shape, sparsity)
     weight = SparseConvWeight.from_dense(w, spec.groups)
-    knobs = RULE.span_knobs(spec, weight) if change == "span" else RULE.default_knobs(spec, weight).with_(**change)
+    knobs = _knobs(spec, weight, change)
     plan = RULE.apply(spec, weight, epilogue, knobs)
     with cuda_target:
         lib = tvm.compile(tvm.IRModule({"k": plan.func.with_attr("global_symbol", "k")}), target=cuda_target)
