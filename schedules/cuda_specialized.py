@@ -76,6 +76,11 @@ ALL_LAYERS_BATCH = 4
 # the input or, where that position falls in the padding, at a zero page (a zeroed C*H*W array): no predicate,
 # no pad op. Two registers per base, so up to 5x5 kernels; larger ones keep predicated loads.
 ZERO_PAGE_TAPS = 25
+# Outputs up to this many pixels per image take the row layout (span_knobs) at batch >= LARGE_BATCH: at batch 32
+# (H200, docs/bench/span_b32 and span2_b32, against the staged default in the same runs) resnet50.l4.3x3 (7x7)
+# 0.132 -> 0.108 ms in both runs, alexnet.conv3-5 (13x13) -6..-9% with its zero page; on 14x14 outputs it tied
+# (resnet50.l3.3x3) or lost 14% (vgg16.conv5_2), and alexnet.conv2 (27x27, -7%) is left out with them.
+ROW_LAYOUT_PIXELS = 13 * 13
 LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 STEM_BATCH = 8  # from which the rule takes a network's dense stem (takes_dense; measured at 8 and 32)
 
@@ -360,6 +365,15 @@ class SpecializedCUDA(SparseConvRule):
 
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
         flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
+        if (spec.N >= LARGE_BATCH and not flat and spec.OH * spec.OW <= ROW_LAYOUT_PIXELS
+                and spec.KH * spec.KW <= ZERO_PAGE_TAPS):
+            row = self.span_knobs(spec, weight)
+            # sm_affine where its one shared int fits (not beside resnet50.l4.3x3's 4-way split: 48 KB of partial
+            # sums; with 64-thread rows to make room it was 6% slower than without) and groups are few (v7)
+            affine = row.with_(sm_affine=True)
+            if -(-spec.K // row.channels_per_thread) <= 32 and _fits(spec, affine):
+                return affine
+            return row
         if flat:
             tx, ty = 128, 1
         else:

@@ -65,7 +65,8 @@ def render(run: TapRun) -> tuple[str, str]:
     text = "{ .reg .f32 t; " + " ".join(body) + " }"
     if run.guarded and run.space != "global":
         raise ValueError("a guarded base (zero page) is for global loads")
-    name = "escort_taps_" + hashlib.sha1(f"{run.space}|{run.guarded}|{text}".encode()).hexdigest()[:16]
+    key = f"{run.space}|guarded|{text}" if run.guarded else f"{run.space}|{text}"
+    name = "escort_taps_" + hashlib.sha1(key.encode()).hexdigest()[:16]
     args = ", ".join([f"a{i}" for i in range(len(slots))] + (["c", "p", "z"] if run.guarded else ["p"]))
     outs = ", ".join(f'"+f"(a{i})' for i in range(len(slots)))
     return name, f'#define {name}({args}) asm volatile("{text}" : {outs} : {ptr} : "memory")\n'

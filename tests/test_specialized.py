@@ -217,8 +217,9 @@ def test_auto_keeps_a_large_output_layer_dense_below_the_csr_crossover(rng):
 
 
 def test_cuda_build_passes_the_work_counters_of_an_sm_affine_conv(rng):
-    """At batch >= 16 a small-image staged layer defaults to sm_affine; the graph pass hands its kernel the
-    zeroed int32 counters as a constant, and the whole model compiles for the GPU."""
+    """At batch >= 16 a small-image layer defaults to the row layout with sm_affine; the graph pass hands its
+    kernel the zeroed int32 counters and the float32 zero page as constants, and the whole model compiles for
+    the GPU."""
     from onnx import helper
 
     from _helpers import GLOBAL_FN, cuda_source
@@ -236,6 +237,7 @@ def test_cuda_build_passes_the_work_counters_of_an_sm_affine_conv(rng):
     # the kernel takes (x, counters, bias, y): call_tir would not have built with a missing argument
     spec = ConvSpec(N=16, C=16, H=8, W=8, K=32, KH=3, KW=3, pad=(1, 1, 1, 1))
     plan = SpecializedCUDA().apply(spec, SparseConvWeight.from_dense(w), Epilogue())
-    assert [p.name for p in plan.func.params] == ["x", "work", "bias", "y"]
-    (counters,) = plan.weight_arrays
+    assert [p.name for p in plan.func.params] == ["x", "work", "zeros", "bias", "y"]
+    counters, zero_page = plan.weight_arrays
     assert counters.dtype == np.int32 and counters.size >= 2 and not counters.any()
+    assert zero_page.dtype == np.float32 and zero_page.size == 16 * 8 * 8 and not zero_page.any()

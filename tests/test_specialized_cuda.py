@@ -253,21 +253,28 @@ def test_kernel_parts_stop_growing_for_compile_time():
 
 
 def test_defaults_keep_threads_busy_at_large_batch(rng):
-    """Batch >= 16: a 13x13 output takes one thread per pixel of the image (169 of 192 threads busy, not 169
-    of 256) unless filling the GPU would then split the block's chunk loop (measured slower); a 7x7 1x1 conv
-    runs one flat row over the batch; batch 1 keeps the 2-D tiles it was measured with."""
+    """Batch >= 16: outputs up to 13x13 take the row layout (every thread a pixel of the batch, padding from the
+    zero page, sm_affine where it fits); a 14x14 output takes one thread per pixel of the image (196 of 224
+    threads busy, not 196 of 256) unless filling the GPU would then split the block's chunk loop (measured
+    slower); a 7x7 1x1 conv runs one flat row over the batch; batch 1 keeps the 2-D tiles it was measured with."""
     from schedules.cuda_specialized import _Geometry
 
     def default(spec):
         return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
 
-    conv3 = ConvSpec(N=32, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1))  # alexnet.conv3
-    knobs = default(conv3)
-    assert knobs.image_tile and knobs.channel_split == 1 and _Geometry.of(conv3, knobs).NT == 192
-    conv4 = default(ConvSpec(N=32, C=384, H=13, W=13, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)))  # would split
-    assert not conv4.image_tile and conv4.channel_split == 2
-    assert not default(ConvSpec(N=1, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1))).image_tile
-    assert not default(ConvSpec(N=32, C=64, H=7, W=7, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))).image_tile  # 8x8 fits
+    for spec, affine in ((ConvSpec(N=32, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)), True),  # conv3
+                         (ConvSpec(N=32, C=512, H=7, W=7, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)), False)):  # l4.3x3
+        knobs = default(spec)
+        assert knobs.span_images and not knobs.stage_input and not knobs.pad_input and knobs.sm_affine == affine
+        assert uses_zero_page(spec, knobs)
+        assert _Geometry.of(spec, knobs).blocks_per_group(32, 1) == -(-32 * spec.OH * spec.OW // knobs.threads_x)
+    conv5_2 = ConvSpec(N=32, C=512, H=14, W=14, K=512, KH=3, KW=3, pad=(1, 1, 1, 1))
+    knobs = default(conv5_2)
+    assert knobs.image_tile and knobs.channel_split == 1 and _Geometry.of(conv5_2, knobs).NT == 224
+    l3 = default(ConvSpec(N=32, C=256, H=14, W=14, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)))  # would split
+    assert not l3.image_tile and not l3.span_images and l3.channel_split == 2
+    b1 = default(ConvSpec(N=1, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)))
+    assert not b1.image_tile and not b1.span_images
     spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
     flat = default(spec)
     assert flat.span_images and _Geometry.of(spec, flat).blocks_per_group(32, 1) == -(-32 * 49 // 128)
