@@ -28,7 +28,8 @@ runtime, makes the inputs with torch, checks every kernel variant against a floa
 dense pruned weight (output poisoned with NaN first), times the passing ones and the baselines of
 ``../shared/anchors/measure_anchors.py`` in the same process, and writes ``bench.json``, ``bench.md`` and
 ``speedup.png`` under ``--out``: per layer the CSR kernel (+ the pad op it needs), the specialised kernel
-(which pads on chip, or with ``pad_input`` reads the graph's padded input: + that pad op), the best of the two, and issue 3's targets checked on the best. The timed work runs
+(which pads on chip, or with ``pad_input`` reads the graph's padded input: + that pad op), the best of the two,
+and issue 3's targets checked on the best. The timed work runs
 in a child process; a CUDA error that kills the context is recorded as a crash of that kernel and the run
 continues in a fresh child. ``merge`` makes one report of several runs' ``bench.json``.
 """
@@ -903,7 +904,8 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                 continue
             v = {"index": job["index"], "name": job["name"], "symbol": job["build"]["symbol"],
                  "default": job["name"] == "default", "rule": srule.name, "knobs": job["build"]["knobs"],
-                 "so": Path(job["dest"]).name, "params": res["params"], "first_input": res.get("first_input") or {"padded": False, "shape": res["params"][0][1]},  # (older cache: NCHW)
+                 "so": Path(job["dest"]).name, "params": res["params"], "first_input":  # (an older cache entry has none: NCHW)
+                 res.get("first_input") or {"padded": False, "shape": res["params"][0][1]},
                  "cached": bool(res.get("cached")),
                  "arrays": [{"key": f"zeros{j}", "shape": [n], "dtype": dt, "zeros": True}  # made on the GPU
                             for j, (n, dt) in enumerate([w if isinstance(w, list) else [w, "int32"]  # (older cache)
@@ -1904,7 +1906,8 @@ def render_markdown(env: dict, manifest: dict, rows: list[dict], summary: dict, 
          "2*nnz*OH*OW*N flops at 67 TFLOP/s and the bytes (input, output, CSR) at 4.3 TB/s.", "",
          "Two kernels of ours: `CSR` is `cuda.register_tiled` (CSR arrays, reads the padded input: its time is "
          "kernel + pad); `specialized` is `cuda.specialized` (weights as immediates in the code, no index arrays, "
-         "pads on chip: its time is the kernel alone, or kernel + pad where it reads a padded input, `pad_input`), built for layers with at most "
+         "pads on chip: its time is the kernel alone, or kernel + pad where it reads a padded input, `pad_input`), "
+         "built for layers with at most "
          f"{next((r['spec_max_nnz'] for r in rows if r.get('spec_max_nnz')), 'MAX_NONZEROS')} nonzeros, each "
          "kernel in a module of its own, and timed the same way. `best of ours` is the faster of the two per layer "
          "(the CSR kernel where the specialised one is missing); the speedups `x ...` and floor/best in the "
