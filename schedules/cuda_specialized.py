@@ -76,11 +76,11 @@ ALL_LAYERS_BATCH = 4
 # the input or, where that position falls in the padding, at a zero page (a zeroed C*H*W array): no predicate,
 # no pad op. Two registers per base, so up to 5x5 kernels; larger ones keep predicated loads.
 ZERO_PAGE_TAPS = 25
-# Outputs up to this many pixels per image take the row layout (span_knobs) at batch >= LARGE_BATCH: at batch 32
-# (H200, docs/bench/span_b32 and span2_b32, against the staged default in the same runs) resnet50.l4.3x3 (7x7)
-# 0.132 -> 0.108 ms in both runs, alexnet.conv3-5 (13x13) -6..-9% with its zero page; on 14x14 outputs it tied
-# (resnet50.l3.3x3) or lost 14% (vgg16.conv5_2), and alexnet.conv2 (27x27, -7%) is left out with them.
-ROW_LAYOUT_PIXELS = 13 * 13
+# Outputs up to this many pixels per image take the row layout (span_knobs) at batch >= LARGE_BATCH. At batch 32
+# (H200, against the staged default; docs/bench/span2_b32 and span3_b32, notes v16): with the zero page and the taps
+# in (channel chunk, position) order, alexnet.conv3-5 (13x13) -25..-35%, resnet50.l3.3x3 (14x14) -13%, vgg16.conv5_2
+# (14x14) -6%, resnet50.l4.3x3 (7x7) -12%; alexnet.conv2 (27x27) not measured in that order, so left out.
+ROW_LAYOUT_PIXELS = 14 * 14
 LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 STEM_BATCH = 8  # from which the rule takes a network's dense stem (takes_dense; measured at 8 and 32)
 
@@ -839,12 +839,16 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
                 def slice_code(gi, taps):
                     if zero_page:  # a base per kernel position: in the input, or (in the padding) the zero page
-                        # One block per position, so one base register is live at a time (nine at once took
-                        # 80 registers against 48 on a 3x3 conv). An outside position's address is formed, never read.
-                        for kh, kw in sorted({(t.kh, t.kw) for t in taps}):
+                        # One block per (chunk of CC channels, position), so one base register is live at a time
+                        # (nine at once took 80 registers against 48 on a 3x3 conv), and a chunk's positions run back
+                        # to back, so the cache lines one position loads are still in L1 for its neighbours (position-
+                        # major over all channels was 15-50% slower: notes v16). An outside position's address is
+                        # formed, never read.
+                        for cc, kh, kw in sorted({(t.c // CC, t.kh, t.kw) for t in taps}):
                             ih, iw = ohc * sh + (kh * dh - pt), owc * sw + (kw * dw - pl)
                             run = ptx_taps.TapRun("global", tuple((4 * t.c * HW, t.fmas) for t in taps
-                                                                  if (t.kh, t.kw) == (kh, kw)), guarded=True)
+                                                                  if (t.c // CC, t.kh, t.kw) == (cc, kh, kw)),
+                                                  guarded=True)
                             ptx_taps.emit(T, run, acc, T.address_of(xf[nl * C * HW + ih * W + iw]),
                                           tvm.tirx.all(ih >= 0, ih < H, iw >= 0, iw < W), T.address_of(zf[0]))
                         return

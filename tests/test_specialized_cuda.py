@@ -253,10 +253,9 @@ def test_kernel_parts_stop_growing_for_compile_time():
 
 
 def test_defaults_keep_threads_busy_at_large_batch(rng):
-    """Batch >= 16: outputs up to 13x13 take the row layout (every thread a pixel of the batch, padding from the
-    zero page, sm_affine where it fits); a 14x14 output takes one thread per pixel of the image (196 of 224
-    threads busy, not 196 of 256) unless filling the GPU would then split the block's chunk loop (measured
-    slower); a 7x7 1x1 conv runs one flat row over the batch; batch 1 keeps the 2-D tiles it was measured with."""
+    """Batch >= 16: outputs up to 14x14 take the row layout (every thread a pixel of the batch, padding from the
+    zero page, sm_affine where it fits); a 15x15 output stays on staged tiles (not measured in the row layout);
+    a 7x7 1x1 conv runs one flat row over the batch; batch 1 keeps the 2-D tiles it was measured with."""
     from schedules.cuda_specialized import _Geometry
 
     def default(spec):
@@ -268,11 +267,13 @@ def test_defaults_keep_threads_busy_at_large_batch(rng):
         assert knobs.span_images and not knobs.stage_input and not knobs.pad_input and knobs.sm_affine == affine
         assert uses_zero_page(spec, knobs)
         assert _Geometry.of(spec, knobs).blocks_per_group(32, 1) == -(-32 * spec.OH * spec.OW // knobs.threads_x)
-    conv5_2 = ConvSpec(N=32, C=512, H=14, W=14, K=512, KH=3, KW=3, pad=(1, 1, 1, 1))
-    knobs = default(conv5_2)
-    assert knobs.image_tile and knobs.channel_split == 1 and _Geometry.of(conv5_2, knobs).NT == 224
-    l3 = default(ConvSpec(N=32, C=256, H=14, W=14, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)))  # would split
-    assert not l3.image_tile and not l3.span_images and l3.channel_split == 2
+    for spec in (ConvSpec(N=32, C=512, H=14, W=14, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # vgg16.conv5_2
+                 ConvSpec(N=32, C=256, H=14, W=14, K=256, KH=3, KW=3, pad=(1, 1, 1, 1))):  # resnet50.l3.3x3
+        knobs = default(spec)
+        assert knobs.span_images and knobs.sm_affine and uses_zero_page(spec, knobs)
+    wider = ConvSpec(N=32, C=512, H=15, W=15, K=512, KH=3, KW=3, pad=(1, 1, 1, 1))  # past the row layout
+    knobs = default(wider)
+    assert knobs.stage_input and not knobs.span_images
     b1 = default(ConvSpec(N=1, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)))
     assert not b1.image_tile and not b1.span_images
     spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
