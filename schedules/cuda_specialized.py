@@ -110,7 +110,8 @@ class SpecializedKnobs(Knobs):
     sm_affine: bool = False
     # Flat mode (1x1 stride-1 unpadded): the row of pixels runs on across the batch instead of one tile row per
     # image, so a 7x7 output (49 pixels) does not leave 79 of a 128-thread tile idle. Unstaged KxK convs too
-    # (each thread's (image, row, column) from its place in the row), where the conv is unpadded or pad_input.
+    # (each thread's (image, row, column) from its place in the row), their padding from the zero page (up to
+    # ZERO_PAGE_TAPS kernel positions) or the graph's pad op (pad_input).
     span_images: bool = False
     # The graph pads the input (one pad op before the kernel), so an unstaged kernel reads an unpadded conv: its
     # taps are unpredicated loads at immediate offsets (PTX blocks) instead of one guarded C statement each.
@@ -185,7 +186,7 @@ class _Geometry:
 
     @classmethod
     def of(cls, spec: ConvSpec, k: SpecializedKnobs) -> "_Geometry":
-        flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
+        flat = is_flat(spec)
         if flat:
             return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, 1, k.tiles_per_block,
                        row_images=spec.N if k.span_images else 1)
@@ -302,6 +303,11 @@ def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
                          f"(limit {SHARED_LIMIT}) for {spec.describe()}")
 
 
+def is_flat(spec: ConvSpec) -> bool:
+    """A 1x1 stride-1 unpadded conv: its pixels run as one row (flat mode), every tap at the thread's own pixel."""
+    return (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
+
+
 def uses_zero_page(spec: ConvSpec, k: SpecializedKnobs) -> bool:
     """Whether the kernel reads padding from a zero page (see ZERO_PAGE_TAPS): an unstaged padded conv."""
     return not k.stage_input and not k.pad_input and any(spec.pad) and spec.KH * spec.KW <= ZERO_PAGE_TAPS
@@ -364,7 +370,7 @@ class SpecializedCUDA(SparseConvRule):
         return 1, max(splits)
 
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
-        flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
+        flat = is_flat(spec)
         if (spec.N >= LARGE_BATCH and not flat and spec.OH * spec.OW <= ROW_LAYOUT_PIXELS
                 and spec.KH * spec.KW <= ZERO_PAGE_TAPS):
             row = self.span_knobs(spec, weight)
@@ -459,7 +465,7 @@ class SpecializedCUDA(SparseConvRule):
         busy, where 2-D tiles of a 7x7 to 14x14 output leave 23-34% idle), every tap an unpredicated global load at
         an immediate offset (padding from the zero page; over 5x5, from the graph's pad op); channels and slices
         from the fill rule."""
-        flat = (spec.KH, spec.KW, spec.stride, spec.pad) == (1, 1, (1, 1), (0, 0, 0, 0))
+        flat = is_flat(spec)
         if flat:  # flat mode's default is this layout already
             return self.default_knobs(spec, weight)
         base = SpecializedKnobs(threads_x=128, threads_y=1, stage_input=False, span_images=True)
@@ -844,11 +850,12 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                         # to back, so the cache lines one position loads are still in L1 for its neighbours (position-
                         # major over all channels was 15-50% slower: notes v16). An outside position's address is
                         # formed, never read.
-                        for cc, kh, kw in sorted({(t.c // CC, t.kh, t.kw) for t in taps}):
+                        blocks: dict[tuple, list] = {}
+                        for t in taps:
+                            blocks.setdefault((t.c // CC, t.kh, t.kw), []).append((4 * t.c * HW, t.fmas))
+                        for (_, kh, kw), block in sorted(blocks.items()):
                             ih, iw = ohc * sh + (kh * dh - pt), owc * sw + (kw * dw - pl)
-                            run = ptx_taps.TapRun("global", tuple((4 * t.c * HW, t.fmas) for t in taps
-                                                                  if (t.c // CC, t.kh, t.kw) == (cc, kh, kw)),
-                                                  guarded=True)
+                            run = ptx_taps.TapRun("global", tuple(block), guarded=True)
                             ptx_taps.emit(T, run, acc, T.address_of(xf[nl * C * HW + ih * W + iw]),
                                           tvm.tirx.all(ih >= 0, ih < H, iw >= 0, iw < W), T.address_of(zf[0]))
                         return
