@@ -76,11 +76,13 @@ ALL_LAYERS_BATCH = 4
 # the input or, where that position falls in the padding, at a zero page (a zeroed C*H*W array): no predicate,
 # no pad op. Two registers per base, so up to 5x5 kernels; larger ones keep predicated loads.
 ZERO_PAGE_TAPS = 25
-# Outputs up to this many pixels per image take the row layout (span_knobs) at batch >= LARGE_BATCH. At batch 32
-# (H200, against the staged default; docs/bench/span2_b32 and span3_b32, notes v16): with the zero page and the taps
-# in (channel chunk, position) order, alexnet.conv3-5 (13x13) -25..-35%, resnet50.l3.3x3 (14x14) -13%, vgg16.conv5_2
-# (14x14) -6%, resnet50.l4.3x3 (7x7) -12%; alexnet.conv2 (27x27) not measured in that order, so left out.
-ROW_LAYOUT_PIXELS = 14 * 14
+# Where the row layout (span_knobs) replaces staged tiles at batch >= LARGE_BATCH: (most kernel positions, most
+# output pixels per image). At batch 32 (H200, against the staged default in the same call; notes v16-v17):
+# up to 14x14 with up to 5x5 kernels (docs/bench/span3_b32: alexnet.conv3-5 (13x13) -17..-35%, resnet50.l3.3x3 (14x14)
+# -13%, vgg16.conv5_2 -6%, resnet50.l4.3x3 (7x7) -12%), and up to 28x28 with 3x3 kernels (docs/bench/row28: vgg16.conv4_2
+# -10%, resnet50.l2.3x3 -4%, both with sm_affine); a 5x5 kernel on 27x27 was 4% slower (alexnet.conv2: the staged
+# tile serves each element to 25 taps), so it stays staged.
+ROW_LAYOUT = ((5 * 5, 14 * 14), (3 * 3, 28 * 28))
 LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 STEM_BATCH = 8  # from which the rule takes a network's dense stem (takes_dense; measured at 8 and 32)
 
@@ -121,7 +123,7 @@ class SpecializedKnobs(Knobs):
     # 16x8 tiles: 66% of the threads busy; 169 threads in 192: 88%).
     image_tile: bool = False
     SPACE: ClassVar = {
-        "channels_per_thread": (1, 2, 4, 8, 16, 32),
+        "channels_per_thread": (1, 2, 4, 8, 16, 32, 64),
         "threads_x": (8, 16, 32, 64, 128),
         "threads_y": (1, 2, 4, 8, 16),
         "stage_input": (True, False),
@@ -257,16 +259,36 @@ def staged_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     return min(k.channel_chunk, spec.C) * -(-rows * cols // nt) * nt
 
 
-def staging_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
-    """The staging buffer: a chunk per (image, slice), reused for the partial sums of all slices but the one
-    that finishes each accumulator."""
-    geo = _Geometry.of(spec, k)
-    partials = (k.channel_split - 1) * k.images_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread
-    partials *= geo.NT
+def partial_floats(spec: ConvSpec, k: SpecializedKnobs, rounds: bool) -> int:
+    """The split slices' partial sums: in one round, a share from each slice but the one that finishes an
+    accumulator; in rounds, one share, which the slices fill in turn."""
+    if k.channel_split == 1:
+        return 0
+    shares = 1 if rounds else k.channel_split - 1
+    return shares * k.images_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread * _Geometry.of(spec, k).NT
+
+
+def _staging_floats(spec: ConvSpec, k: SpecializedKnobs, rounds: bool) -> int:
+    partials = partial_floats(spec, k, rounds)
     if not k.stage_input:
         return partials
-    depth = k.channel_split * k.images_per_block * geo.images
+    depth = k.channel_split * k.images_per_block * _Geometry.of(spec, k).images
     return max(depth * staged_floats(spec, k), partials)
+
+
+def reduces_in_rounds(spec: ConvSpec, k: SpecializedKnobs) -> bool:
+    """Whether the split's partial sums go through shared memory in channel_split - 1 rounds (two barriers
+    each) instead of one: only where one round's KS-1 shares would not fit, e.g. 64 channels per thread split
+    4 ways (96 KB), or sm_affine's one int beside a 32-channel 4-way split (48 KB + 4 bytes)."""
+    if k.channel_split <= 2:  # one share either way
+        return False
+    one_round = _staging_floats(spec, k, False) + parked_floats(spec, k) + int(k.sm_affine)
+    return one_round * 4 > SHARED_LIMIT
+
+
+def staging_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
+    """The staging buffer: a chunk per (image, slice), reused for the split slices' partial sums."""
+    return _staging_floats(spec, k, reduces_in_rounds(spec, k))
 
 
 def parked_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
@@ -369,10 +391,17 @@ class SpecializedCUDA(SparseConvRule):
                 return cand, next(s for s, w in zip(splits, warps) if w >= WARPS_TO_FILL)
         return 1, max(splits)
 
+    @staticmethod
+    def _warps(spec: ConvSpec, k: SpecializedKnobs) -> int:
+        """Warps of the whole grid (what the fill rule counts)."""
+        geo = _Geometry.of(spec, k)
+        return (geo.blocks_per_group(spec.N, k.images_per_block) * -(-spec.K // k.channels_per_thread)
+                * (geo.NT * k.channel_split * k.images_per_block // 32))
+
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
         flat = is_flat(spec)
-        if (spec.N >= LARGE_BATCH and not flat and spec.OH * spec.OW <= ROW_LAYOUT_PIXELS
-                and spec.KH * spec.KW <= ZERO_PAGE_TAPS):
+        if (spec.N >= LARGE_BATCH and not flat
+                and any(spec.KH * spec.KW <= taps and spec.OH * spec.OW <= pixels for taps, pixels in ROW_LAYOUT)):
             row = self.span_knobs(spec, weight)
             # sm_affine where its one shared int fits (not beside resnet50.l4.3x3's 4-way split: 48 KB of partial
             # sums; with 64-thread rows to make room it was 6% slower than without) and groups are few (v7)
@@ -407,6 +436,16 @@ class SpecializedCUDA(SparseConvRule):
             if ks_whole == 1 and _fits(spec, whole.with_(channels_per_thread=kg_whole, channel_chunk=8)):
                 base, kg, ks = whole, kg_whole, ks_whole
         knobs = base.with_(channels_per_thread=kg, channel_chunk=8, channel_split=ks)
+        # 64 channels per thread at batch >= 16 where it still fills the GPU unsplit, on a 1x1 flat row (half the
+        # input re-reads and loads per FMA of 32) or where it makes a staged conv one group (its input read once):
+        # batch 32, H200, against 32 in the same call (docs/bench/c64_1x1, c64_vgg, c64b): resnet50.l3.1x1out -21%,
+        # l1.1x1in a tie (DRAM-bound either way), vgg16.conv1_2 -19%, resnet50.l1.3x3 -13%. Not on staged convs of
+        # more groups (128 registers: half the warps; vgg16.conv2_2 +34%, conv3_2 +38%), nor split ones (the split's
+        # partial sums then go in rounds: resnet50.l4.1x1in +14%).
+        wide = knobs.with_(channels_per_thread=64)
+        if (spec.N >= LARGE_BATCH and ks == 1 and (flat or (reuse and spec.K <= 64))
+                and self._warps(spec, wide) >= WARPS_TO_FILL and _fits(spec, wide)):
+            knobs = wide
         while knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
             knobs = knobs.with_(channel_chunk=knobs.channel_chunk // 2)
         while shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_split > 1:
@@ -711,10 +750,12 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
             oh, ow = pixel(i32(0))
 
+            rounds = reduces_in_rounds(spec, k.with_(channels_per_thread=KG))
+
             def partial(rank, a_i):
                 """Where the ``rank``-th of the slices that do not finish accumulator ``a_i`` leaves it (split
-                reduction; the finishing slice keeps its own share in its register)."""
-                return ((sub * (KS - 1) + rank) * KG * PY + a_i) * NT + tid
+                reduction; the finishing slice keeps its own share in its register). In rounds, one place."""
+                return ((sub * (1 if rounds else KS - 1) + rank) * KG * PY + a_i) * NT + tid
 
             acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG * PY)]  # slot j * PY + q
             if TB > 1:
@@ -875,16 +916,32 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 with_taps = [gi for gi in range(len(part)) if taps_of(gi)]
                 if with_taps:
                     _tree(T, grp, with_taps, group_taps, exact=len(with_taps) < len(part))
-            if KS > 1:  # partial sums through shared memory; slice s finishes channels s, s + KS, ...
+            owner = lambda a_i: (a_i // PY) % KS  # noqa: E731  slice s finishes channels s, s + KS, ...
+            if KS > 1 and not rounds:  # partial sums through shared memory, all slices at once
                 for a_i, a in enumerate(acc):
-                    owner = (a_i // PY) % KS
-                    with T.If(sz != owner):
+                    with T.If(sz != owner(a_i)):
                         with T.Then():
-                            T.buffer_store(sm, a[0], [partial(T.if_then_else(sz > owner, sz - 1, sz), a_i)])
+                            T.buffer_store(sm, a[0], [partial(T.if_then_else(sz > owner(a_i), sz - 1, sz), a_i)])
                 T.evaluate(T.tvm_storage_sync("shared"))
+            if KS > 1 and rounds:  # round r: slice s hands over the channels slice s + r finishes, which adds them
+                for r_ in range(1, KS):
+                    for s_ in range(KS):
+                        with T.If(sz == s_):
+                            with T.Then():
+                                for a_i, a in enumerate(acc):
+                                    if owner(a_i) == (s_ + r_) % KS:
+                                        T.buffer_store(sm, a[0], [partial(0, a_i)])
+                    T.evaluate(T.tvm_storage_sync("shared"))
+                    for s_ in range(KS):
+                        with T.If(sz == s_):
+                            with T.Then():
+                                for a_i, a in enumerate(acc):
+                                    if owner(a_i) == s_:
+                                        T.buffer_store(a, a[0] + sm[partial(0, a_i)], [i32(0)])
+                    T.evaluate(T.tvm_storage_sync("shared"))
 
             def total(a_i):
-                if KS == 1:
+                if KS == 1 or rounds:
                     return acc[a_i][0]
                 v = acc[a_i][0]  # the finishing slice's own share, then the other slices' in rank order
                 for r_ in range(KS - 1):

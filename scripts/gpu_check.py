@@ -76,6 +76,9 @@ SPEC_CASES = [
     ("batch16_1x1_split", 16, 64, 5, 5, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, True, True),
     ("3x3_nopad", 2, 8, 12, 13, 8, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.8, True, False),
     ("split_kernels", 2, 16, 10, 11, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.8, True, True),
+    # 64 channels per thread (cpt_64) over a ragged last group (80 = 64 + 16): the row layout and flat 1x1
+    ("batch16_wide_3x3", 16, 24, 7, 7, 80, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, True),
+    ("batch32_wide_1x1", 32, 48, 7, 7, 80, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, True, False),
 ]
 # Cases built with a small kernel_nonzeros, so one layer runs as several kernels launched in turn.
 SPEC_SPLIT = {"split_kernels": 200}
@@ -103,10 +106,16 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("image_tile", "image_tile", lambda v: not v), ("span_flip", "span_images", lambda v: not v),
                 # one thread per pixel with global loads (predicated where padded), and unstaged split slices
                 ("image_tile_direct", "image_tile", lambda v: True, {"stage_input": False, "span_images": False}),
-                ("split_2_direct", "channel_split", lambda v: 2, {"stage_input": False, "span_images": False}))
+                ("split_2_direct", "channel_split", lambda v: 2, {"stage_input": False, "span_images": False}),
+                # 64 accumulators per thread (split in at most two: its partial sums must fit in 48 KB)
+                ("cpt_64", "channels_per_thread", lambda v: 64, {"channel_split": 1}),
+                ("cpt_64_split_2", "channels_per_thread", lambda v: 64, {"channel_split": 2}),
+                # split 4 ways, the partial sums in 3 rounds through one share of shared memory (one round: 96 KB)
+                ("cpt_64_split_4", "channels_per_thread", lambda v: 64, {"channel_split": 4}),
+                ("cpt_64_split_4_affine", "channels_per_thread", lambda v: 64, {"channel_split": 4, "sm_affine": True}))
 SPEC_BASIC_CHANGES = 6
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels",
-                   "batch16_13x13")
+                   "batch16_13x13", "batch16_wide_3x3", "batch32_wide_1x1")
 
 
 def _spec_weight(rng, spec, kind):

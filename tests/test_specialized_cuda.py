@@ -49,6 +49,9 @@ SIGNATURE_CASES = [
      Epilogue(), ("span", {"channels_per_thread": 4})),
     ("7x7_span_b2", ConvSpec(N=2, C=3, H=15, W=15, K=8, KH=7, KW=7, stride=(2, 2), pad=(3, 3, 3, 3)), 0.5,
      Epilogue(), ("span", {})),  # over 5x5: no zero page, the graph pads
+    # 64 channels per thread split 4 ways: one round of partial sums would take 96 KB, so they go in 3 rounds
+    ("1x1_cpt64_split4_rounds", ConvSpec(N=4, C=64, H=8, W=8, K=80, KH=1, KW=1), 0.9,
+     Epilogue(relu=True, residual=True), {"channels_per_thread": 64, "channel_split": 4, "threads_y": 1}),
 ]
 
 
@@ -231,6 +234,34 @@ def test_specialized_matches_reference_on_gpu(cuda_target, rng, name, spec, spar
     assert_close(targs[-1].numpy(), conv2d_reference(x, w, spec, b, epilogue.relu, res))
 
 
+def test_split_partial_sums_go_in_rounds_only_where_one_round_does_not_fit(cuda_target, rng):
+    """A 4-way split keeps KS-1 shares of partial sums per accumulator in one round (one barrier), and only where
+    that exceeds 48 KB one share reused over KS-1 rounds: 64 channels per thread (96 KB), or sm_affine's int beside
+    32 channels (48 KB + 4 bytes; resnet50.l4.3x3's row layout)."""
+    from schedules.cuda_specialized import SHARED_LIMIT, partial_floats, reduces_in_rounds, shared_floats
+
+    spec = ConvSpec(N=32, C=512, H=7, W=7, K=512, KH=3, KW=3, pad=(1, 1, 1, 1))
+    row = RULE.span_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
+    assert (row.channels_per_thread, row.channel_split, row.threads_x) == (32, 4, 128)
+    assert not reduces_in_rounds(spec, row) and shared_floats(spec, row) * 4 == SHARED_LIMIT
+    for k in (row.with_(sm_affine=True), row.with_(channels_per_thread=64)):
+        assert reduces_in_rounds(spec, k) and shared_floats(spec, k) * 4 <= SHARED_LIMIT
+        assert partial_floats(spec, k, rounds=True) * 3 == partial_floats(spec, k, rounds=False)
+    assert not reduces_in_rounds(spec, row.with_(channels_per_thread=64, channel_split=2))
+    # the rounds are in the kernel: two barriers each, against one for the single round
+    small = ConvSpec(N=4, C=64, H=8, W=8, K=80, KH=1, KW=1)
+    weight = SparseConvWeight.from_dense(pruned(rng, small.weight_shape, 0.9))
+    syncs = {}
+    for cpt in (32, 64):
+        knobs = RULE.default_knobs(small, weight).with_(channels_per_thread=cpt, channel_split=4, threads_y=1)
+        assert reduces_in_rounds(small, knobs) == (cpt == 64)
+        func = RULE.apply(small, weight, Epilogue(), knobs).func
+        with cuda_target:
+            lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=cuda_target)
+        syncs[cpt] = cuda_source(lib).count("__syncthreads()")
+    assert (syncs[32], syncs[64]) == (1, 6)  # one launch, unstaged: one barrier for one round, 3 rounds x 2
+
+
 def test_kernel_parts_cut_by_nonzeros_but_keep_enough_groups():
     from schedules.cuda_specialized import kernel_parts
     from schedules.unrolled import ChannelGroup, Tap
@@ -253,32 +284,53 @@ def test_kernel_parts_stop_growing_for_compile_time():
 
 
 def test_defaults_keep_threads_busy_at_large_batch(rng):
-    """Batch >= 16: outputs up to 14x14 take the row layout (every thread a pixel of the batch, padding from the
-    zero page, sm_affine where it fits); a 15x15 output stays on staged tiles (not measured in the row layout);
-    a 7x7 1x1 conv runs one flat row over the batch; batch 1 keeps the 2-D tiles it was measured with."""
+    """Batch >= 16: outputs up to 14x14 (up to 5x5 kernels) and 28x28 (3x3) take the row layout (every thread a
+    pixel of the batch, padding from the zero page, sm_affine where it fits); a 27x27 5x5 conv and a 30x30 3x3 one
+    stay on staged tiles; a 7x7 1x1 conv runs one flat row over the batch; batch 1 keeps the 2-D tiles it was
+    measured with."""
     from schedules.cuda_specialized import _Geometry
 
     def default(spec):
         return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
 
-    for spec, affine in ((ConvSpec(N=32, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)), True),  # conv3
-                         (ConvSpec(N=32, C=512, H=7, W=7, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)), False)):  # l4.3x3
+    for spec in (ConvSpec(N=32, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)),  # alexnet.conv3
+                 ConvSpec(N=32, C=512, H=7, W=7, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # l4.3x3 (split in 4: rounds)
+                 ConvSpec(N=32, C=512, H=14, W=14, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # vgg16.conv5_2
+                 ConvSpec(N=32, C=256, H=14, W=14, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)),  # resnet50.l3.3x3
+                 ConvSpec(N=32, C=512, H=28, W=28, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # vgg16.conv4_2
+                 ConvSpec(N=32, C=128, H=28, W=28, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))):  # resnet50.l2.3x3
         knobs = default(spec)
-        assert knobs.span_images and not knobs.stage_input and not knobs.pad_input and knobs.sm_affine == affine
+        assert knobs.span_images and not knobs.stage_input and not knobs.pad_input and knobs.sm_affine, spec
         assert uses_zero_page(spec, knobs)
         assert _Geometry.of(spec, knobs).blocks_per_group(32, 1) == -(-32 * spec.OH * spec.OW // knobs.threads_x)
-    for spec in (ConvSpec(N=32, C=512, H=14, W=14, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # vgg16.conv5_2
-                 ConvSpec(N=32, C=256, H=14, W=14, K=256, KH=3, KW=3, pad=(1, 1, 1, 1))):  # resnet50.l3.3x3
+    for spec in (ConvSpec(N=32, C=512, H=30, W=30, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # past the row layout
+                 ConvSpec(N=32, C=96, H=27, W=27, K=256, KH=5, KW=5, pad=(2, 2, 2, 2))):  # alexnet.conv2: 5x5
         knobs = default(spec)
-        assert knobs.span_images and knobs.sm_affine and uses_zero_page(spec, knobs)
-    wider = ConvSpec(N=32, C=512, H=15, W=15, K=512, KH=3, KW=3, pad=(1, 1, 1, 1))  # past the row layout
-    knobs = default(wider)
-    assert knobs.stage_input and not knobs.span_images
+        assert knobs.stage_input and not knobs.span_images
     b1 = default(ConvSpec(N=1, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)))
     assert not b1.image_tile and not b1.span_images
     spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
     flat = default(spec)
     assert flat.span_images and _Geometry.of(spec, flat).blocks_per_group(32, 1) == -(-32 * 49 // 128)
+
+
+def test_defaults_take_64_channels_per_thread_where_measured(rng):
+    """64 accumulators per thread at batch >= 16 on unsplit flat 1x1 rows and on staged convs it makes one group;
+    32 on staged convs of more groups, on split 1x1 rows, and at batch 1."""
+    def default(spec):
+        return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
+
+    wide = {"l3.1x1out": ConvSpec(N=32, C=256, H=14, W=14, K=1024, KH=1, KW=1),
+            "l1.1x1in": ConvSpec(N=32, C=256, H=56, W=56, K=64, KH=1, KW=1),
+            "l1.3x3": ConvSpec(N=32, C=64, H=56, W=56, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))}
+    narrow = {"l4.1x1in": ConvSpec(N=32, C=2048, H=7, W=7, K=512, KH=1, KW=1),  # split 4 ways
+              "conv3_2": ConvSpec(N=32, C=256, H=56, W=56, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)),  # 4 groups of 64
+              "l1.3x3_b1": ConvSpec(N=1, C=64, H=56, W=56, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))}
+    for name, spec in wide.items():
+        knobs = default(spec)
+        assert (knobs.channels_per_thread, knobs.channel_split) == (64, 1), name
+    for name, spec in narrow.items():
+        assert default(spec).channels_per_thread <= 32, name
 
 
 def test_largest_launch_nonzeros_matches_the_kernels_it_emits(cuda_target, rng):
