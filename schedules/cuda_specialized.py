@@ -79,10 +79,12 @@ ZERO_PAGE_TAPS = 25
 # Where the row layout (span_knobs) replaces staged tiles at batch >= LARGE_BATCH: (most kernel positions, most
 # output pixels per image). At batch 32 (H200, against the staged default in the same call; notes v16-v17):
 # up to 14x14 with up to 5x5 kernels (docs/bench/span3_b32: alexnet.conv3-5 (13x13) -17..-35%, resnet50.l3.3x3 (14x14)
-# -13%, vgg16.conv5_2 -6%, resnet50.l4.3x3 (7x7) -12%), and up to 28x28 with 3x3 kernels (docs/bench/row28: vgg16.conv4_2
-# -10%, resnet50.l2.3x3 -4%, both with sm_affine); a 5x5 kernel on 27x27 was 4% slower (alexnet.conv2: the staged
-# tile serves each element to 25 taps), so it stays staged.
-ROW_LAYOUT = ((5 * 5, 14 * 14), (3 * 3, 28 * 28))
+# -13%, vgg16.conv5_2 -6%, resnet50.l4.3x3 (7x7) -12%), and up to 112x112 with 3x3 kernels (docs/bench/row28, row56:
+# vgg16.conv4_2 (28x28) -10%, resnet50.l2.3x3 -4%, vgg16.conv3_2 (56x56) -19%, all three with sm_affine; conv2_2
+# (112x112) -9%); a 5x5 kernel on 27x27 was 4% slower (alexnet.conv2: the staged tile serves each element to 25
+# taps), so it stays staged; 224x224 (vgg16.conv1_2) is not measured in the row layout.
+ROW_LAYOUT = ((5 * 5, 14 * 14), (3 * 3, 112 * 112))
+SM_AFFINE_ITEMS = 1024  # the row layout takes sm_affine up to this many work items per group (see default_knobs)
 LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 STEM_BATCH = 8  # from which the rule takes a network's dense stem (takes_dense; measured at 8 and 32)
 
@@ -400,15 +402,28 @@ class SpecializedCUDA(SparseConvRule):
 
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
         flat = is_flat(spec)
-        if (spec.N >= LARGE_BATCH and not flat
+        # A conv of at most 64 output channels stays on tiles, where 64 channels per thread make it one group (below):
+        # resnet50.l1.3x3 at batch 32 (docs/bench/exp4) 0.035 ms staged against 0.050 in the row layout (0.035 with
+        # 64 channels there too); vgg16.conv1_2 0.395 against 0.58-0.64.
+        if (spec.N >= LARGE_BATCH and not flat and spec.K > 64
                 and any(spec.KH * spec.KW <= taps and spec.OH * spec.OW <= pixels for taps, pixels in ROW_LAYOUT)):
             row = self.span_knobs(spec, weight)
-            # sm_affine where its one shared int fits (not beside resnet50.l4.3x3's 4-way split: 48 KB of partial
-            # sums; with 64-thread rows to make room it was 6% slower than without) and groups are few (v7)
+            # sm_affine where groups are few (v7) and their work items not thousands (vgg16.conv3_2, 784 items per
+            # group: -4% on the row layout; conv2_2, 3136: +9%, the atomics queue up; docs/bench/row56), and where its
+            # one shared int fits beside the split's partial sums in one round (resnet50.l4.3x3, 4-way split: with the
+            # partial sums in rounds to make room, +6%, docs/bench/l4row; with 64-thread rows, +6%)
             affine = row.with_(sm_affine=True)
-            if -(-spec.K // row.channels_per_thread) <= 32 and _fits(spec, affine):
+            items = _Geometry.of(spec, row).blocks_per_group(spec.N, 1)
+            if (-(-spec.K // row.channels_per_thread) <= 32 and items <= SM_AFFINE_ITEMS and _fits(spec, affine)
+                    and not reduces_in_rounds(spec, affine)):
                 return affine
             return row
+        return self.tile_knobs(spec, weight)
+
+    def tile_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
+        """The tiled layout: 2-D tiles (staged where taps share input), whole-image blocks, or the flat 1x1 row;
+        what every conv takes outside the row layout's reach (ROW_LAYOUT) and at small batch."""
+        flat = is_flat(spec)
         if flat:
             tx, ty = 128, 1
         else:

@@ -776,7 +776,7 @@ def prepare(bench_dir: Path, cases: list[dict], variants: str = "default", max_k
                 g["spec_weights"] = tmp / f".spec_{Path(g['file']).stem}.npz"
                 np.savez(g["spec_weights"], dense=g["arrays"]["dense"])
             epi = {"relu": False, "residual": False}
-            layouts = {"span": srule.span_knobs(spec, weight)}
+            layouts = {"span": srule.span_knobs(spec, weight), "tiles": srule.tile_knobs(spec, weight)}
             for j, sv in enumerate(specialized_variants(srule.default_knobs(spec, weight), spec_variants, layouts)):
                 if sv["knobs"] is not None and j > 0 and spec_variant_nnz is not None and g["nnz"] > spec_variant_nnz:
                     sv = dict(sv, knobs=None, reason=f"not built: {g['nnz']} nonzeros > --spec-variant-nnz "

@@ -284,29 +284,35 @@ def test_kernel_parts_stop_growing_for_compile_time():
 
 
 def test_defaults_keep_threads_busy_at_large_batch(rng):
-    """Batch >= 16: outputs up to 14x14 (up to 5x5 kernels) and 28x28 (3x3) take the row layout (every thread a
-    pixel of the batch, padding from the zero page, sm_affine where it fits); a 27x27 5x5 conv and a 30x30 3x3 one
-    stay on staged tiles; a 7x7 1x1 conv runs one flat row over the batch; batch 1 keeps the 2-D tiles it was
-    measured with."""
+    """Batch >= 16: outputs up to 14x14 (up to 5x5 kernels) and 112x112 (3x3) take the row layout (every thread a
+    pixel of the batch, padding from the zero page, sm_affine where groups and their items are few and its int
+    fits beside one round of partial sums), unless 64 output channels or fewer make the conv one group on tiles; a
+    27x27 5x5 conv and a 224x224 3x3 one stay on tiles; a 7x7 1x1 conv runs one flat row over the batch; batch 1
+    keeps the 2-D tiles it was measured with."""
     from schedules.cuda_specialized import _Geometry
 
     def default(spec):
         return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
 
-    for spec in (ConvSpec(N=32, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)),  # alexnet.conv3
-                 ConvSpec(N=32, C=512, H=7, W=7, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # l4.3x3 (split in 4: rounds)
-                 ConvSpec(N=32, C=512, H=14, W=14, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # vgg16.conv5_2
-                 ConvSpec(N=32, C=256, H=14, W=14, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)),  # resnet50.l3.3x3
-                 ConvSpec(N=32, C=512, H=28, W=28, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # vgg16.conv4_2
-                 ConvSpec(N=32, C=128, H=28, W=28, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))):  # resnet50.l2.3x3
+    for spec, affine in ((ConvSpec(N=32, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)), True),  # conv3
+                         (ConvSpec(N=32, C=512, H=7, W=7, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)), False),  # l4.3x3
+                         (ConvSpec(N=32, C=512, H=14, W=14, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)), True),  # conv5_2
+                         (ConvSpec(N=32, C=256, H=14, W=14, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)), True),  # l3.3x3
+                         (ConvSpec(N=32, C=512, H=28, W=28, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)), True),  # conv4_2
+                         (ConvSpec(N=32, C=128, H=28, W=28, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)), True),  # l2.3x3
+                         (ConvSpec(N=32, C=256, H=56, W=56, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)), True),  # conv3_2
+                         # 3136 work items per group: the queues would be slower than the hardware's dealing
+                         (ConvSpec(N=32, C=128, H=112, W=112, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)), False)):  # conv2_2
         knobs = default(spec)
-        assert knobs.span_images and not knobs.stage_input and not knobs.pad_input and knobs.sm_affine, spec
+        assert knobs.span_images and not knobs.stage_input and not knobs.pad_input, spec
+        assert knobs.sm_affine == affine, spec
         assert uses_zero_page(spec, knobs)
         assert _Geometry.of(spec, knobs).blocks_per_group(32, 1) == -(-32 * spec.OH * spec.OW // knobs.threads_x)
-    for spec in (ConvSpec(N=32, C=512, H=30, W=30, K=512, KH=3, KW=3, pad=(1, 1, 1, 1)),  # past the row layout
-                 ConvSpec(N=32, C=96, H=27, W=27, K=256, KH=5, KW=5, pad=(2, 2, 2, 2))):  # alexnet.conv2: 5x5
+    for spec in (ConvSpec(N=32, C=64, H=224, W=224, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)),  # past the row layout
+                 ConvSpec(N=32, C=96, H=27, W=27, K=256, KH=5, KW=5, pad=(2, 2, 2, 2)),  # alexnet.conv2: 5x5
+                 ConvSpec(N=32, C=64, H=56, W=56, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))):  # l1.3x3: one group
         knobs = default(spec)
-        assert knobs.stage_input and not knobs.span_images
+        assert knobs.stage_input and not knobs.span_images, spec
     b1 = default(ConvSpec(N=1, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)))
     assert not b1.image_tile and not b1.span_images
     spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
@@ -324,7 +330,7 @@ def test_defaults_take_64_channels_per_thread_where_measured(rng):
             "l1.1x1in": ConvSpec(N=32, C=256, H=56, W=56, K=64, KH=1, KW=1),
             "l1.3x3": ConvSpec(N=32, C=64, H=56, W=56, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))}
     narrow = {"l4.1x1in": ConvSpec(N=32, C=2048, H=7, W=7, K=512, KH=1, KW=1),  # split 4 ways
-              "conv3_2": ConvSpec(N=32, C=256, H=56, W=56, K=256, KH=3, KW=3, pad=(1, 1, 1, 1)),  # 4 groups of 64
+              "conv2_2": ConvSpec(N=32, C=128, H=112, W=112, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)),  # 2 groups of 64
               "l1.3x3_b1": ConvSpec(N=1, C=64, H=56, W=56, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))}
     for name, spec in wide.items():
         knobs = default(spec)
