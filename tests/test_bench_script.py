@@ -206,11 +206,11 @@ def test_specialized_variants_are_one_knob_changes():
     bench = _bench_module()
     from schedules import SpecializedKnobs
 
-    d = SpecializedKnobs(channels_per_thread=32, threads_x=32, threads_y=4, stage_input=True, channel_chunk=8)
+    d = SpecializedKnobs(channels_per_thread=64, threads_x=32, threads_y=4, stage_input=True, channel_chunk=8)
     vs = bench.specialized_variants(d, "default,cpt_x2,cpt_half,stage_flip,chunk_half")
     assert [v["name"] for v in vs] == ["default", "cpt_x2", "cpt_half", "stage_flip", "chunk_half"]
-    assert vs[0]["knobs"] == d and vs[1]["knobs"] is None and "outside" in vs[1]["reason"]  # 64 is not in SPACE
-    assert vs[2]["knobs"] == d.with_(channels_per_thread=16) and vs[3]["knobs"] == d.with_(stage_input=False)
+    assert vs[0]["knobs"] == d and vs[1]["knobs"] is None and "outside" in vs[1]["reason"]  # 128 is not in SPACE
+    assert vs[2]["knobs"] == d.with_(channels_per_thread=32) and vs[3]["knobs"] == d.with_(stage_input=False)
     with pytest.raises(ValueError, match="unknown"):
         bench.specialized_variants(d, "default,bogus")
     with pytest.raises(ValueError, match="start with 'default'"):

@@ -224,9 +224,9 @@ def test_cuda_build_passes_the_work_counters_of_an_sm_affine_conv(rng):
 
     from _helpers import GLOBAL_FN, cuda_source
 
-    w = pruned(rng, (32, 16, 3, 3), 0.9)
+    w = pruned(rng, (96, 16, 3, 3), 0.9)  # over 64 output channels: the row layout (64 or fewer stay on tiles)
     model = onnx_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
-                       [("x", [16, 16, 8, 8])], [("y", [16, 32, 8, 8])], {"w": w})
+                       [("x", [16, 16, 14, 14])], [("y", [16, 96, 14, 14])], {"w": w})
     mod, params = escort_tvm.from_onnx(model)
     built = escort_tvm.build(mod, params, {"kind": "cuda", "arch": "sm_90"})
     (r,) = built.report
@@ -235,9 +235,9 @@ def test_cuda_build_passes_the_work_counters_of_an_sm_affine_conv(rng):
     assert "escort_sparse_conv0_kernel" in set(re.findall(GLOBAL_FN, source))
     assert "atomicAdd" in source and "%%smid" in source
     # the kernel takes (x, counters, bias, y): call_tir would not have built with a missing argument
-    spec = ConvSpec(N=16, C=16, H=8, W=8, K=32, KH=3, KW=3, pad=(1, 1, 1, 1))
+    spec = ConvSpec(N=16, C=16, H=14, W=14, K=96, KH=3, KW=3, pad=(1, 1, 1, 1))
     plan = SpecializedCUDA().apply(spec, SparseConvWeight.from_dense(w), Epilogue())
     assert [p.name for p in plan.func.params] == ["x", "work", "zeros", "bias", "y"]
     counters, zero_page = plan.weight_arrays
     assert counters.dtype == np.int32 and counters.size >= 2 and not counters.any()
-    assert zero_page.dtype == np.float32 and zero_page.size == 16 * 8 * 8 and not zero_page.any()
+    assert zero_page.dtype == np.float32 and zero_page.size == 16 * 14 * 14 and not zero_page.any()

@@ -306,6 +306,7 @@ def test_defaults_keep_threads_busy_at_large_batch(rng):
         knobs = default(spec)
         assert knobs.span_images and not knobs.stage_input and not knobs.pad_input, spec
         assert knobs.sm_affine == affine, spec
+        assert knobs.channel_chunk == (16 if spec.OH * spec.OW <= 28 * 28 else 8), spec  # tap blocks of 16 channels
         assert uses_zero_page(spec, knobs)
         assert _Geometry.of(spec, knobs).blocks_per_group(32, 1) == -(-32 * spec.OH * spec.OW // knobs.threads_x)
     for spec in (ConvSpec(N=32, C=64, H=224, W=224, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)),  # past the row layout
