@@ -342,13 +342,15 @@ def uses_zero_page(spec: ConvSpec, k: SpecializedKnobs) -> bool:
 
 
 def _fits(spec: ConvSpec, k: SpecializedKnobs) -> bool:
-    """Whether ``k`` is in the knob space and its block within the thread and shared-memory limits."""
+    """Whether the default rule may take ``k``: in the knob space, its block within the thread and shared-memory
+    limits, and its split's partial sums in one round (rounds were slower where measured, notes v17: the tuner can
+    take them)."""
     try:
         k.validate()
         check_shape(spec, k)
     except ValueError:
         return False
-    return True
+    return not reduces_in_rounds(spec, k)
 
 
 class SpecializedCUDA(SparseConvRule):
@@ -420,8 +422,7 @@ class SpecializedCUDA(SparseConvRule):
             # partial sums in rounds to make room, +6%, docs/bench/l4row; with 64-thread rows, +6%)
             affine = row.with_(sm_affine=True)
             items = _Geometry.of(spec, row).blocks_per_group(spec.N, 1)
-            if (-(-spec.K // row.channels_per_thread) <= 32 and items <= SM_AFFINE_ITEMS and _fits(spec, affine)
-                    and not reduces_in_rounds(spec, affine)):
+            if -(-spec.K // row.channels_per_thread) <= 32 and items <= SM_AFFINE_ITEMS and _fits(spec, affine):
                 return affine
             return row
         return self.tile_knobs(spec, weight)
@@ -469,7 +470,9 @@ class SpecializedCUDA(SparseConvRule):
             knobs = wide
         while knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
             knobs = knobs.with_(channel_chunk=knobs.channel_chunk // 2)
-        while shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_split > 1:
+        # a split whose partial sums would need rounds is halved instead (rounds were slower where measured: notes v17)
+        while ((shared_floats(spec, knobs) * 4 > SHARED_LIMIT or reduces_in_rounds(spec, knobs))
+               and knobs.channel_split > 1):
             knobs = knobs.with_(channel_split=knobs.channel_split // 2)
         # Prefetch holds a chunk's share per thread in registers: worth it up to 32 of them, except with 16+
         # channels per thread in a block split in two, where it costs more occupancy than it hides (batch 32,
