@@ -341,16 +341,21 @@ def uses_zero_page(spec: ConvSpec, k: SpecializedKnobs) -> bool:
     return not k.stage_input and not k.pad_input and any(spec.pad) and spec.KH * spec.KW <= ZERO_PAGE_TAPS
 
 
-def _fits(spec: ConvSpec, k: SpecializedKnobs) -> bool:
-    """Whether the default rule may take ``k``: in the knob space, its block within the thread and shared-memory
-    limits, and its split's partial sums in one round (rounds were slower where measured, notes v17: the tuner can
-    take them)."""
+def _valid(spec: ConvSpec, k: SpecializedKnobs) -> bool:
+    """Whether ``k`` is in the knob space and its block within the thread and shared-memory limits."""
     try:
         k.validate()
         check_shape(spec, k)
     except ValueError:
         return False
-    return not reduces_in_rounds(spec, k)
+    return True
+
+
+def _fits(spec: ConvSpec, k: SpecializedKnobs) -> bool:
+    """Whether the default rule may take ``k`` in general: valid, and its split's partial sums in one round (rounds
+    cost 6-14% where they only made room for sm_affine or 64 channels, notes v17; see default_knobs for the one
+    place the rule takes them)."""
+    return _valid(spec, k) and not reduces_in_rounds(spec, k)
 
 
 class SpecializedCUDA(SparseConvRule):
@@ -416,6 +421,12 @@ class SpecializedCUDA(SparseConvRule):
             row = self.span_knobs(spec, weight)
             if spec.OH * spec.OW <= ROW_WIDE_CHUNK_PIXELS:
                 row = row.with_(channel_chunk=16)
+            # Split 4+ ways: 256-thread rows, so each slice's code is run by 8 warps of the block, half the blocks,
+            # and the partial sums (96 KB in one round) go in rounds: resnet50.l4.3x3 at batch 32 (docs/bench/exp7)
+            # 0.1115 -> 0.0896 ms (-20%); 64-thread rows +26%, half the split +16%.
+            tall = row.with_(threads_y=2)
+            if row.channel_split >= 4 and _valid(spec, tall):
+                return tall
             # sm_affine where groups are few (v7) and their work items not thousands (vgg16.conv3_2, 784 items per
             # group: -4% on the row layout; conv2_2, 3136: +9%, the atomics queue up; docs/bench/row56), and where its
             # one shared int fits beside the split's partial sums in one round (resnet50.l4.3x3, 4-way split: with the

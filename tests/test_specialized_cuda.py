@@ -286,10 +286,10 @@ def test_kernel_parts_stop_growing_for_compile_time():
 def test_defaults_keep_threads_busy_at_large_batch(rng):
     """Batch >= 16: outputs up to 14x14 (up to 5x5 kernels) and 112x112 (3x3) take the row layout (every thread a
     pixel of the batch, padding from the zero page, sm_affine where groups and their items are few and its int
-    fits beside one round of partial sums), unless 64 output channels or fewer make the conv one group on tiles; a
+    fits beside one round of partial sums, 256-thread rows where the split is 4 ways), unless 64 output channels or fewer make the conv one group on tiles; a
     27x27 5x5 conv and a 224x224 3x3 one stay on tiles; a 7x7 1x1 conv runs one flat row over the batch; batch 1
     keeps the 2-D tiles it was measured with."""
-    from schedules.cuda_specialized import _Geometry
+    from schedules.cuda_specialized import _Geometry, reduces_in_rounds
 
     def default(spec):
         return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
@@ -308,7 +308,10 @@ def test_defaults_keep_threads_busy_at_large_batch(rng):
         assert knobs.sm_affine == affine, spec
         assert knobs.channel_chunk == (16 if spec.OH * spec.OW <= 28 * 28 else 8), spec  # tap blocks of 16 channels
         assert uses_zero_page(spec, knobs)
-        assert _Geometry.of(spec, knobs).blocks_per_group(32, 1) == -(-32 * spec.OH * spec.OW // knobs.threads_x)
+        row = knobs.threads_x * knobs.threads_y
+        assert _Geometry.of(spec, knobs).blocks_per_group(32, 1) == -(-32 * spec.OH * spec.OW // row)
+        # split 4 ways (l4.3x3): 256-thread rows, the partial sums in rounds; else 128-thread rows in one round
+        assert (row, reduces_in_rounds(spec, knobs)) == ((256, True) if knobs.channel_split >= 4 else (128, False))
     for spec in (ConvSpec(N=32, C=64, H=224, W=224, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)),  # past the row layout
                  ConvSpec(N=32, C=96, H=27, W=27, K=256, KH=5, KW=5, pad=(2, 2, 2, 2)),  # alexnet.conv2: 5x5
                  ConvSpec(N=32, C=64, H=56, W=56, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))):  # l1.3x3: one group
