@@ -79,6 +79,8 @@ SPEC_CASES = [
     # 64 channels per thread (cpt_64) over a ragged last group (80 = 64 + 16): the row layout and flat 1x1
     ("batch16_wide_3x3", 16, 24, 7, 7, 80, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, True),
     ("batch32_wide_1x1", 32, 48, 7, 7, 80, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, True, False),
+    # a deep 7x7 input at batch 16: the default splits the row layout 4 ways and takes 256-thread rows
+    ("batch16_deep_7x7", 16, 128, 7, 7, 80, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.95, True, True),
 ]
 # Cases built with a small kernel_nonzeros, so one layer runs as several kernels launched in turn.
 SPEC_SPLIT = {"split_kernels": 200}

@@ -52,6 +52,10 @@ SIGNATURE_CASES = [
     # 64 channels per thread split 4 ways: one round of partial sums would take 96 KB, so they go in 3 rounds
     ("1x1_cpt64_split4_rounds", ConvSpec(N=4, C=64, H=8, W=8, K=80, KH=1, KW=1), 0.9,
      Epilogue(relu=True, residual=True), {"channels_per_thread": 64, "channel_split": 4, "threads_y": 1}),
+    # resnet50.l4.3x3's layout: the row layout split 4 ways in 256-thread rows, its partial sums (96 KB in one
+    # round) in 3 rounds
+    ("3x3_span_split4_256_rounds", ConvSpec(N=4, C=64, H=7, W=7, K=32, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.9,
+     Epilogue(relu=True), ("span", {"channels_per_thread": 32, "channel_split": 4, "threads_y": 2})),
 ]
 
 
