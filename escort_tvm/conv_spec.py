@@ -84,3 +84,8 @@ class ConvSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConvSpec":
+        """The inverse of ``to_dict`` after a JSON round trip (which turns the tuple fields into lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

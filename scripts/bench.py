@@ -525,7 +525,7 @@ def build_specialized(job: dict) -> dict:
 
     prepare_cuda_build()
     rule = SpecializedCUDA()
-    spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["spec"].items()})
+    spec = ConvSpec.from_dict(job["spec"])
     dense = np.load(job["weights"])[job.get("weight_key", "dense")]
     weight = SparseConvWeight.from_dense(dense, spec.groups)
     sym = job["symbol"]
@@ -1078,7 +1078,7 @@ def verify(bench_dir: Path, reapply: bool = True) -> list[str]:
             if v["params"][0][1] != v["first_input"]["shape"]:
                 problems.append(f"{v['symbol']}: first param {v['params'][0]} vs layout {v['first_input']}")
             if reapply:
-                spec = ConvSpec(**{k: tuple(x) if isinstance(x, list) else x for k, x in s.items()})
+                spec = ConvSpec.from_dict(s)
                 knobs = rule.Knobs.from_dict(v["knobs"])
                 plan = rule.apply(spec, SparseConvWeight.from_dense(dense, spec.groups), Epilogue(relu=False), knobs)
                 if len(plan.weight_arrays) != len(arrays) or not all(
@@ -1116,7 +1116,7 @@ def verify(bench_dir: Path, reapply: bool = True) -> list[str]:
             if reapply:
                 from schedules import SpecializedCUDA
 
-                spec = ConvSpec(**{k: tuple(x) if isinstance(x, list) else x for k, x in s.items()})
+                spec = ConvSpec.from_dict(s)
                 plan = SpecializedCUDA().apply(spec, SparseConvWeight.from_dense(dense, spec.groups),
                                                Epilogue(relu=False), SpecializedCUDA.Knobs.from_dict(v["knobs"]))
                 zeros = [[int(a.shape[0]), str(a.dtype)] for a in plan.weight_arrays if not a.any()]

@@ -360,7 +360,7 @@ def run(d: Path, out: Path | None) -> int:
     lib = tvm.runtime.load_module(str(d / "kernels.so")) if manifest["kernels"] else None
     for k in manifest["kernels"]:
         data, case = np.load(d / k["data"]), np.load(d / f"case_{k['case']}.npz")
-        spec = ConvSpec(**{n: tuple(v) if isinstance(v, list) else v for n, v in k["spec"].items()})
+        spec = ConvSpec.from_dict(k["spec"])
         x = case["x"]
         if k["padded_input"]:
             x = padded_input(x, spec, k["hp"], k["wp"])
@@ -394,8 +394,7 @@ def run(d: Path, out: Path | None) -> int:
             work = [np.zeros(n, dt) for n, dt in k.get("zeros", [])]  # sm_affine's counters, the zero page
             x = case["x"]
             if k.get("padded_input"):  # pad_input: the kernel reads x_pad[N, C*Hp*Wp], as the graph pass pads it
-                x = padded_input(x, ConvSpec(**{n: tuple(v) if isinstance(v, list) else v
-                                                for n, v in k["spec"].items()}), k["hp"], k["wp"])
+                x = padded_input(x, ConvSpec.from_dict(k["spec"]), k["hp"], k["wp"])
             args = [x, *work, case["b"]] + ([case["residual"]] if k["residual"] else [])
             args = [tvm.runtime.tensor(a, dev) for a in args]
             good, e, bad = True, 0.0, 0

@@ -62,7 +62,7 @@ def main() -> int:
           "| floor/ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (layer, n), rs in runs.items():
-        spec = ConvSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in rs[-1]["spec"].items()})
+        spec = ConvSpec.from_dict(rs[-1]["spec"])
 
         weight = SimpleNamespace(nnz=rs[-1]["nnz"])  # the cost rules and default knobs read nnz only
         specialised = SpecializedCUDA().pays(spec, weight) is None

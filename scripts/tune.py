@@ -129,7 +129,7 @@ def reference_numpy(task: dict, x, dense, bias, res):
     from escort_tvm.compute import conv2d_reference
     from escort_tvm.conv_spec import ConvSpec
 
-    spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in task["spec"].items()})
+    spec = ConvSpec.from_dict(task["spec"])
     ref = conv2d_reference(x, dense, spec, bias=bias, relu=False)
     if res is not None:
         ref = ref + res.astype(np.float64)

@@ -164,3 +164,11 @@ def test_conv_spec_rejects(kw, match):
     base.update(kw)
     with pytest.raises(ValueError, match=match):
         ConvSpec(**base)
+
+
+def test_conv_spec_survives_a_json_round_trip():
+    import json
+
+    spec = ConvSpec(N=2, C=6, H=9, W=7, K=4, KH=3, KW=1, stride=(2, 1), pad=(1, 0, 2, 0), dilation=(2, 1), groups=2)
+    back = ConvSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert back == spec and isinstance(back.pad, tuple) and back.OH == spec.OH

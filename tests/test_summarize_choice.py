@@ -42,7 +42,7 @@ def test_choice_takes_the_variant_with_todays_default_knobs(tmp_path):
     from schedules.cuda import SparseConvCUDA
 
     row = _row("big_small_image", 1, 60000, 14, 0.010, 0.030, 0.020, 0.005)
-    spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in row["spec"].items()})
+    spec = ConvSpec.from_dict(row["spec"])
     weight = SimpleNamespace(nnz=row["nnz"])  # default knobs read nnz only
     row["variants"][1]["knobs"] = SparseConvCUDA().default_knobs(spec, weight).as_dict()  # the 0.020 one
     f = tmp_path / "bench.json"

@@ -294,7 +294,7 @@ def test_build_uses_the_tuned_log(llvm_run, tiny_model, rng):
     assert len(sparse) == 5
     manifest = json.loads((d / "prepared" / "manifest.json").read_text())
     for r, t in zip(sparse, manifest["tasks"]):
-        spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in t["spec"].items()})
+        spec = ConvSpec.from_dict(t["spec"])
         z = np.load(d / "prepared" / t["weights"])
         w = SparseConvWeight.from_dense(z["dense"], spec.groups)
         rule, knobs, ms = tl.best(spec, w, ["cpu.row_vector"])
@@ -358,7 +358,7 @@ def test_cuda_prepare_manifest_and_libraries(cuda_prepared):
     assert "cuda.register_tiled" in m["rules"]
     (t,) = m["tasks"]
     assert t["epilogue"]["relu"] is True and t["spec"]["N"] == 2
-    spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in t["spec"].items()})
+    spec = ConvSpec.from_dict(t["spec"])
     by_rule = {}
     for c in t["candidates"]:
         by_rule.setdefault(c["rule"], []).append(c)
