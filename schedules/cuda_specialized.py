@@ -85,9 +85,10 @@ ZERO_PAGE_TAPS = 25
 # taps), so it stays staged; 224x224 (vgg16.conv1_2) is not measured in the row layout.
 ROW_LAYOUT = ((5 * 5, 14 * 14), (3 * 3, 112 * 112))
 SM_AFFINE_ITEMS = 1024  # the row layout takes sm_affine up to this many work items per group (see default_knobs)
-# The row layout's tap blocks take 16 channels each (one base select per 16 taps instead of 8) up to this many output
-# pixels per image: batch 32, against 8 in the same call (docs/bench/exp5, exp6): alexnet.conv3-5 -4..-5%, vgg16.conv5_2
-# -4%, conv4_2 -4%, resnet50.l2.3x3 -3%, l3.3x3 -2%, l4.3x3 -6%, and 25-55% less compile time; vgg16.conv3_2 (56x56) +3%.
+# The row layout's tap blocks take 16 channels each (one base select per 16 taps instead of 8) up to this many
+# output pixels per image: batch 32, against 8 in the same call (docs/bench/exp5, exp6): alexnet.conv3-5 -4..-5%,
+# vgg16.conv5_2 -4%, conv4_2 -4%, resnet50.l2.3x3 -3%, l3.3x3 -2%, l4.3x3 -6%, and 25-55% less compile time;
+# vgg16.conv3_2 (56x56) +3%.
 ROW_WIDE_CHUNK_PIXELS = 28 * 28
 LARGE_IMAGE = 28 * 28  # output pixels per image from which a small batch takes any size
 STEM_BATCH = 8  # from which the rule takes a network's dense stem (takes_dense; measured at 8 and 32)
@@ -271,7 +272,8 @@ def partial_floats(spec: ConvSpec, k: SpecializedKnobs, rounds: bool) -> int:
     if k.channel_split == 1:
         return 0
     shares = 1 if rounds else k.channel_split - 1
-    return shares * k.images_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread * _Geometry.of(spec, k).NT
+    per_share = k.images_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread
+    return shares * per_share * _Geometry.of(spec, k).NT
 
 
 def _staging_floats(spec: ConvSpec, k: SpecializedKnobs, rounds: bool) -> int:
