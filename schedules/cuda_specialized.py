@@ -390,6 +390,13 @@ class SpecializedCUDA(SparseConvRule):
                 and weight.nnz <= SMALL_BATCH_MAX_NONZEROS)
 
     @staticmethod
+    def _warps(spec: ConvSpec, k: SpecializedKnobs) -> int:
+        """Warps of the whole grid (what the fill rule counts)."""
+        geo = _Geometry.of(spec, k)
+        return (geo.blocks_per_group(spec.N, k.images_per_block) * -(-spec.K // k.channels_per_thread)
+                * (geo.NT * k.channel_split * k.images_per_block // 32))
+
+    @staticmethod
     def _fill(spec: ConvSpec, base: SpecializedKnobs, reuse: bool) -> tuple[int, int]:
         """(channels_per_thread, channel_split): enough warps to fill the GPU (132 SMs x 16), with as many
         channels per thread as that allows; a kernel may split its input channels across channel_split
@@ -401,17 +408,11 @@ class SpecializedCUDA(SparseConvRule):
         splittable = reuse or spec.N >= LARGE_BATCH
         splits = [ks for ks in (1, 2, 4, 8) if ks == 1 or (splittable and chunks >= 4 * ks and geo.NT * ks <= 512)]
         for cand in (32, 16, 8, 4, 2):
-            warps = [geo.blocks_per_group(spec.N, 1) * -(-spec.K // cand) * (geo.NT * s // 32) for s in splits]
+            warps = [SpecializedCUDA._warps(spec, base.with_(channels_per_thread=cand, channel_split=s))
+                     for s in splits]
             if any(w >= WARPS_TO_FILL for w in warps):
                 return cand, next(s for s, w in zip(splits, warps) if w >= WARPS_TO_FILL)
         return 1, max(splits)
-
-    @staticmethod
-    def _warps(spec: ConvSpec, k: SpecializedKnobs) -> int:
-        """Warps of the whole grid (what the fill rule counts)."""
-        geo = _Geometry.of(spec, k)
-        return (geo.blocks_per_group(spec.N, k.images_per_block) * -(-spec.K // k.channels_per_thread)
-                * (geo.NT * k.channel_split * k.images_per_block // 32))
 
     def default_knobs(self, spec: ConvSpec, weight: SparseConvWeight) -> SpecializedKnobs:
         flat = is_flat(spec)
@@ -542,8 +543,8 @@ class SpecializedCUDA(SparseConvRule):
         an immediate offset (padding from the zero page; over 5x5, from the graph's pad op); channels and slices
         from the fill rule."""
         flat = is_flat(spec)
-        if flat:  # flat mode's default is this layout already
-            return self.default_knobs(spec, weight)
+        if flat:  # flat mode's tiles are this layout already
+            return self.tile_knobs(spec, weight)
         base = SpecializedKnobs(threads_x=128, threads_y=1, stage_input=False, span_images=True)
         if any(spec.pad) and not uses_zero_page(spec, base):  # over 5x5: the graph pads
             base = base.with_(pad_input=True)
