@@ -129,6 +129,14 @@ class SpecializedKnobs(Knobs):
     # (threads_x/threads_y ignored), so an output narrower than a 2-D tile leaves no idle columns (13x13 in
     # 16x8 tiles: 66% of the threads busy; 169 threads in 192: 88%).
     image_tile: bool = False
+    # Row layout (span_images), stride 1: each thread takes this many neighbouring output pixels of a row, so one
+    # vector load (ld.global.nc.v2/v4) brings the inputs of several (pixel, kernel column) taps: 2 loads serve a
+    # 3x3 row's 3 columns for 2 pixels where 6 scalar loads did (a padded conv then takes pad_input: the zero page
+    # is chosen per pixel and kernel position, which neighbouring pixels do not share).
+    pixels_per_thread: int = 1
+    # Unstaged: the taps' global loads are marked evict-first (ld.global.cs): for a kernel that reads each input
+    # element once (one group of a 1x1 row), so the stream neither waits on nor displaces cached lines.
+    evict_first: bool = False
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32, 64),
         "threads_x": (8, 16, 32, 64, 128),
@@ -146,6 +154,8 @@ class SpecializedKnobs(Knobs):
         "span_images": (False, True),
         "pad_input": (False, True),
         "image_tile": (False, True),
+        "pixels_per_thread": (1, 2, 4),
+        "evict_first": (False, True),
     }
 
     def validate(self) -> None:
@@ -171,6 +181,11 @@ class SpecializedKnobs(Knobs):
             raise ValueError("pad_input needs stage_input=False (a staged kernel pads on chip, for free)")
         if self.span_images and self.image_tile:
             raise ValueError("span_images and image_tile are two different layouts of the threads")
+        if self.evict_first and self.stage_input:
+            raise ValueError("evict_first needs stage_input=False (it marks the taps' global loads)")
+        if self.pixels_per_thread > 1 and not self.span_images:
+            raise ValueError("pixels_per_thread > 1 needs span_images (the row layout: unstaged, threads along a row "
+                             "of pixels)")
         if self.image_tile and (self.rows_per_thread > 1 or self.tiles_per_block > 1):
             raise ValueError("image_tile needs rows_per_thread == tiles_per_block == 1 (one thread per pixel of "
                              "one image)")
@@ -192,15 +207,17 @@ class _Geometry:
     row_images: int = 1  # flat mode: images along the pixel row (N with span_images)
     linear: bool = False  # image_tile: threads numbered along the image's rows, TX = all of them, TY = 1
     span_ow: int = 0  # span_images on a KxK conv: the row is OH*OW pixels per image, row r // span_ow of it
+    PX: int = 1  # row layout: neighbouring pixels of the row per thread
 
     @classmethod
     def of(cls, spec: ConvSpec, k: SpecializedKnobs) -> "_Geometry":
         flat = is_flat(spec)
         if flat:
             return cls(True, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, 1, k.tiles_per_block,
-                       row_images=spec.N if k.span_images else 1)
+                       row_images=spec.N if k.span_images else 1, PX=k.pixels_per_thread)
         if k.span_images:  # a KxK conv's pixels as one row running on across the batch, like flat mode's
-            return cls(False, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, row_images=spec.N, span_ow=spec.OW)
+            return cls(False, 1, spec.OH * spec.OW, k.threads_x * k.threads_y, 1, row_images=spec.N, span_ow=spec.OW,
+                       PX=k.pixels_per_thread)
         if k.image_tile:
             return cls(False, spec.OH, spec.OW, -(-spec.OH * spec.OW // 32) * 32, 1, linear=True)
         return cls(False, spec.OH, spec.OW, k.threads_x, k.threads_y, k.rows_per_thread, k.tiles_per_block)
@@ -218,7 +235,7 @@ class _Geometry:
     @property
     def stack_images(self) -> bool:
         """The block's tiles are images (the image is too small to stack TB tiles in it)."""
-        along = -(-self.OW // self.TX) if self.flat else -(-self.OH // (self.TY * self.PY))
+        along = -(-self.OW // (self.TX * self.PX)) if self.flat else -(-self.OH // (self.TY * self.PY))
         return self.TB > 1 and along < self.TB
 
     @property
@@ -236,7 +253,7 @@ class _Geometry:
     def block_cols(self) -> int:
         if self.linear:
             return self.OW
-        return self.TX * (self.TB if self.flat and not self.stack_images else 1)
+        return self.TX * self.PX * (self.TB if self.flat and not self.stack_images else 1)
 
     @property
     def tiles_x(self) -> int:
@@ -272,7 +289,7 @@ def partial_floats(spec: ConvSpec, k: SpecializedKnobs, rounds: bool) -> int:
     if k.channel_split == 1:
         return 0
     shares = 1 if rounds else k.channel_split - 1
-    per_share = k.images_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread
+    per_share = k.images_per_block * min(k.channels_per_thread, spec.K) * k.rows_per_thread * k.pixels_per_thread
     return shares * per_share * _Geometry.of(spec, k).NT
 
 
@@ -321,6 +338,20 @@ def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
                          "kernel positions there is no zero page; the row's taps are unpredicated loads)")
     if k.pad_input and not any(spec.pad):
         raise ValueError("pad_input applies only to a padded conv")
+    if k.evict_first and any(spec.pad) and not k.pad_input and not uses_zero_page(spec, k):
+        raise ValueError("evict_first marks the PTX tap loads, which a padded conv over "
+                         f"{ZERO_PAGE_TAPS} kernel positions reads only with pad_input (else predicated C loads)")
+    if k.pixels_per_thread > 1:
+        px, row = k.pixels_per_thread, spec.OH * spec.OW if geo.flat else spec.OW
+        if not geo.flat and (spec.stride != (1, 1) or spec.dilation != (1, 1)):
+            raise ValueError(f"pixels_per_thread={px} needs stride 1 and dilation 1 (neighbouring output pixels read "
+                             f"neighbouring inputs); this conv has stride {spec.stride}, dilation {spec.dilation}")
+        if row % px:
+            raise ValueError(f"pixels_per_thread={px} must divide the row of {row} output pixels (a thread's pixels "
+                             "stay in one row of one image)")
+        if uses_zero_page(spec, k):
+            raise ValueError(f"pixels_per_thread={px} on a padded conv needs pad_input (the zero page is chosen per "
+                             "pixel and kernel position)")
     if k.image_tile:
         if geo.flat:
             raise ValueError("image_tile does not apply to a 1x1 stride-1 unpadded conv (flat mode)")
@@ -648,13 +679,16 @@ class _GroupSize:
 def largest_launch_nonzeros(spec: ConvSpec, weight: SparseConvWeight, k: SpecializedKnobs,
                             kernel_nonzeros: int | None = None, fill_warps: int = WARPS_TO_FILL) -> int:
     """Nonzeros in the largest kernel function these knobs make (what cicc and ptxas pay for at once): exact
-    over the output-channel parts, then divided evenly by input_parts (the pieces cut chunks, not nonzeros)."""
+    over the output-channel parts, then divided evenly by input_parts (the pieces cut chunks, not nonzeros);
+    times the pixels each thread of the row layout carries (each nonzero is that many FMA instructions)."""
     rows = weight.row_lengths()
     kg = weight.K // weight.groups
     sizes = [_GroupSize(int(rows[first:min(first + k.channels_per_thread, g0 + kg)].sum()))
              for g0 in range(0, weight.K, kg) for first in range(g0, g0 + kg, k.channels_per_thread)]
     parts = _launch_parts(spec, sizes, k, kernel_nonzeros, fill_warps)
-    return -(-max(sum(sizes[gi].fma_count for gi in part) for part in parts) // k.input_parts)
+    largest = -(-max(sum(sizes[gi].fma_count for gi in part) for part in parts) // k.input_parts)
+    return largest * k.pixels_per_thread  # one FMA instruction per nonzero and pixel of the thread
+
 
 
 def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue: Epilogue, k: SpecializedKnobs,
@@ -678,7 +712,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     pt, pl = spec.pad[0], spec.pad[1]
     geo = _Geometry.of(spec, k)
     HE, WE = (1, HW) if geo.flat else (H, W)  # the input as the kernel indexes it
-    TX, TY, NT, PY = geo.TX, geo.TY, geo.NT, geo.PY
+    TX, TY, NT, PY, PX = geo.TX, geo.TY, geo.NT, geo.PY, geo.PX
+    PT = PY * PX  # output pixels per thread: rows of a column (staged) or neighbours in a row (row layout)
     CC = min(k.channel_chunk, C)
     SR, SC = geo.halo(spec)
     NS = -(-SR * SC // NT)  # staging slots per thread
@@ -702,6 +737,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
         return tuple((off, tuple(f)) for off, f in loads.items())
 
     KS, IB, TB, TI = k.channel_split, k.images_per_block, geo.TB, geo.images
+    # Vector width of the row layout's loads: the thread's first element (image, channel and row starts included)
+    # must sit on a VW-float boundary, so VW divides PX, H*W and (a KxK row) W.
+    VW = max(v for v in (1, 2, 4) if PX % v == 0 and HW % v == 0 and (geo.flat or W % v == 0))
 
     zero_page = uses_zero_page(spec, k)
 
@@ -754,9 +792,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
             tile_r, tile_c = tile // geo.tiles_x, tile % geo.tiles_x
             tid = ty * TX + tx
-            if geo.spans:  # span_images: pixel g of the flat row is pixel g % OW of image g // OW
-                g_row = tile_c * TX + tx
-                g_in = T.min(g_row, N * geo.OW - 1)  # threads past the batch's end read in bounds
+            if geo.spans:  # span_images: pixel g of the flat row is pixel g % OW of image g // OW (and g + 1 ..
+                g_row = (tile_c * TX + tx) * PX  # g + PX - 1 of the same row: PX divides the row, check_shape)
+                g_in = T.min(g_row, N * geo.OW - PX)  # threads past the batch's end read in bounds
 
             def image(t):
                 """Tile ``t``'s image: (index, stored?, index to load). An image past N (in the last block)
@@ -793,16 +831,16 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             def partial(rank, a_i):
                 """Where the ``rank``-th of the slices that do not finish accumulator ``a_i`` leaves it (split
                 reduction; the finishing slice keeps its own share in its register). In rounds, one place."""
-                return ((sub * (1 if rounds else KS - 1) + rank) * KG * PY + a_i) * NT + tid
+                return ((sub * (1 if rounds else KS - 1) + rank) * KG * PT + a_i) * NT + tid
 
-            acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG * PY)]  # slot j * PY + q
+            acc = [T.alloc_buffer((1,), "float32", scope="local") for _ in range(KG * PT)]  # slot j * PT + q
             if TB > 1:
                 parked = T.alloc_buffer((parked_floats(spec, k.with_(channels_per_thread=KG)),), "float32",
                                         scope="shared")
 
                 def parked_at(t, a_i=0):
                     """Tile ``t``'s accumulator ``a_i`` of this thread: private, conflict-free (stride NT)."""
-                    return t * (KG * PY * NT) + a_i * NT + tid
+                    return t * (KG * PT * NT) + a_i * NT + tid
 
                 def park(t, store: bool):
                     ptx_taps.emit_park(T, acc, T.address_of(parked[parked_at(t)]), 4 * NT, store)
@@ -848,7 +886,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 if TB > 1:  # every tile starts at zero (plain stores: they also tell TVM the buffer's full extent,
                     # which it would otherwise shrink to the addresses it sees passed to the PTX moves)
                     for t in range(TB):
-                        for a_i in range(KG * PY):
+                        for a_i in range(KG * PT):
                             T.buffer_store(parked, f32(0.0), [parked_at(t, a_i)])
                 if k.prefetch:  # registers carry the next chunk while this one is computed
                     pre = [T.alloc_buffer((1,), "float32", scope="local") for _ in slots]
@@ -934,7 +972,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                             blocks.setdefault((t.c // CC, t.kh, t.kw), []).append((4 * t.c * HW, t.fmas))
                         for (_, kh, kw), block in sorted(blocks.items()):
                             ih, iw = ohc * sh + (kh * dh - pt), owc * sw + (kw * dw - pl)
-                            run = ptx_taps.TapRun("global", tuple(block), guarded=True)
+                            run = ptx_taps.TapRun("global", tuple(block), guarded=True, evict_first=k.evict_first)
                             ptx_taps.emit(T, run, acc, T.address_of(xf[nl * C * HW + ih * W + iw]),
                                           tvm.tirx.all(ih >= 0, ih < H, iw >= 0, iw < W), T.address_of(zf[0]))
                         return
@@ -948,13 +986,22 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     else:
                         base = xf[nl * C * HW + ohc * sh * W + owc * sw]
                         offs = lambda t: t.c * HW + t.kh * dh * W + t.kw * dw  # noqa: E731
-                    run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in taps))
+                    if PX == 1:
+                        run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in taps), evict_first=k.evict_first)
+                    else:  # pixel e of the thread's PX reads element offs + e (stride 1), in aligned vectors
+                        vec: dict[int, list] = {}
+                        for t in taps:
+                            for e in range(PX):
+                                o = offs(t) + e
+                                vec.setdefault(o // VW, []).extend((j * PX + e, w, o % VW) for j, w in t.fmas)
+                        run = ptx_taps.TapRun("global", tuple((4 * VW * v, tuple(f)) for v, f in vec.items()), width=VW,
+                                              evict_first=k.evict_first)
                     ptx_taps.emit(T, run, acc, T.address_of(base))
 
                 with_taps = [gi for gi in range(len(part)) if taps_of(gi)]
                 if with_taps:
                     _tree(T, grp, with_taps, group_taps, exact=len(with_taps) < len(part))
-            owner = lambda a_i: (a_i // PY) % KS  # noqa: E731  slice s finishes channels s, s + KS, ...
+            owner = lambda a_i: (a_i // PT) % KS  # noqa: E731  slice s finishes channels s, s + KS, ...
             if KS > 1 and not rounds:  # partial sums through shared memory, all slices at once
                 for a_i, a in enumerate(acc):
                     with T.If(sz != owner(a_i)):
@@ -989,10 +1036,11 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             def store_one(g, j, q, t):
                 kk = g.first + j
                 oh_t, ow_t = pixel(t)
+                qy, qx = (0, q) if PX > 1 else (q, 0)
                 n_t = image(t)[0]
-                o = (n_t * K + kk) * (OH * OW) + (ow_t if geo.flat else (oh_t + q) * OW + ow_t)
+                o = (n_t * K + kk) * (OH * OW) + (ow_t + qx if geo.flat else (oh_t + qy) * OW + ow_t + qx)
                 # the first piece starts from the bias, later ones from the sum the pieces before left in y
-                v = total(j * PY + q) + (bias[kk] if first_piece else yf[o])
+                v = total(j * PT + q) + (bias[kk] if first_piece else yf[o])
                 if residual and last_piece:
                     v = v + rf[o]
                 if epilogue.relu and last_piece:
@@ -1005,8 +1053,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 stored = image(t)[1]
                 if geo.linear:
                     stored = tvm.tirx.all(stored, tid < geo.OH * geo.OW)
-                for q in range(PY):
-                    inside = [] if geo.span_ow else [oh_t + q < geo.OH, ow_t < geo.OW]
+                for q in range(PT):
+                    qy, qx = (0, q) if PX > 1 else (q, 0)
+                    inside = [] if geo.span_ow else [oh_t + qy < geo.OH, ow_t + qx < geo.OW]
                     with T.If(tvm.tirx.all(*inside, stored)):
                         with T.Then():
                             for j in range(g.size):

@@ -25,14 +25,20 @@ class TapRun:
     """Straight-line taps that read one memory space relative to one base address."""
 
     space: str  # "shared" (staged tile) or "global" (read-only path)
-    taps: tuple[tuple[int, tuple[tuple[int, float], ...]], ...]  # (byte offset, ((acc slot, weight), ...))
+    # (byte offset, ((acc slot, weight), ...)); with width > 1, ((acc slot, weight, lane), ...): the load brings
+    # ``width`` consecutive floats (offset aligned to width * 4 bytes from an aligned base) and each FMA names one
+    taps: tuple[tuple[int, tuple[tuple, ...]], ...]
     # The base comes with a condition, and the macro takes a second address read from where it is false (a zero
     # page, for a kernel position that falls in the padding): the select is one C expression outside the block.
     guarded: bool = False
+    width: int = 1  # floats per load: 1, 2 or 4 (ld.*.v2/v4)
+    # Global loads marked evict-first (ld.global.cs) instead of the read-only path: for input read once, so it
+    # does not push out of L1/L2 what is read again (and, measured on H200, streams faster: notes v18).
+    evict_first: bool = False
 
     @property
     def slots(self) -> list[int]:
-        return sorted({j for _, fm in self.taps for j, _ in fm})
+        return sorted({f[0] for _, fm in self.taps for f in fm})
 
 
 def _imm(w: float) -> str:
@@ -53,18 +59,31 @@ def render(run: TapRun) -> tuple[str, str]:
     if run.space == "shared":
         load, ptr = "ld.shared.f32", '"r"((unsigned)__cvta_generic_to_shared(p))'
     elif run.space == "global":
-        load, ptr = "ld.global.nc.f32", '"l"((c) ? (p) : (z))' if run.guarded else '"l"(p)'
+        load = "ld.global.cs.f32" if run.evict_first else "ld.global.nc.f32"
+        ptr = '"l"((c) ? (p) : (z))' if run.guarded else '"l"(p)'
     else:
         raise ValueError(f"unknown memory space {run.space!r}")
+    if run.width not in (1, 2, 4):
+        raise ValueError(f"tap loads are 1, 2 or 4 floats wide, not {run.width}")
     body = []
     for off, fmas in run.taps:
         if not 0 <= off <= INT32_MAX:
             raise ValueError(f"tap offset {off} bytes does not fit a PTX immediate offset")
-        body.append(f"{load} t, [%{base}+{off}];")
-        body += [f"fma.rn.f32 %{op[j]}, t, {_imm(w)}, %{op[j]};" for j, w in fmas]
-    text = "{ .reg .f32 t; " + " ".join(body) + " }"
+        if run.width == 1:
+            body.append(f"{load} t, [%{base}+{off}];")
+            body += [f"fma.rn.f32 %{op[j]}, t, {_imm(w)}, %{op[j]};" for j, w in fmas]
+            continue
+        if off % (4 * run.width):
+            raise ValueError(f"a {run.width}-float tap load at byte offset {off} is not {4 * run.width}-byte aligned")
+        lanes = ", ".join(f"t{i}" for i in range(run.width))
+        body.append(f"{load.replace('.f32', f'.v{run.width}.f32')} {{{lanes}}}, [%{base}+{off}];")
+        body += [f"fma.rn.f32 %{op[j]}, t{lane}, {_imm(w)}, %{op[j]};" for j, w, lane in fmas]
+    regs = "t" if run.width == 1 else ", ".join(f"t{i}" for i in range(run.width))
+    text = "{ .reg .f32 " + regs + "; " + " ".join(body) + " }"
     if run.guarded and run.space != "global":
         raise ValueError("a guarded base (zero page) is for global loads")
+    if run.evict_first and run.space != "global":
+        raise ValueError("evict_first is a hint for global loads")
     key = f"{run.space}|guarded|{text}" if run.guarded else f"{run.space}|{text}"
     name = "escort_taps_" + hashlib.sha1(key.encode()).hexdigest()[:16]
     args = ", ".join([f"a{i}" for i in range(len(slots))] + (["c", "p", "z"] if run.guarded else ["p"]))

@@ -411,6 +411,8 @@ SPEC_CHANGES = {
     "sm_affine": ("sm_affine", lambda v: True), "pad_on_chip": ("pad_on_chip", lambda v: True),
     "pad_input": ("pad_input", lambda v: not v),
     "image_tile_flip": ("image_tile", lambda v: not v), "span_flip": ("span_images", lambda v: not v),
+    "px_2": ("pixels_per_thread", lambda v: 2), "px_4": ("pixels_per_thread", lambda v: 4),
+    "evict_first": ("evict_first", lambda v: not v),
 }
 DEFAULT_SPEC_CACHE = ROOT / ".gpu" / "spec-cache"
 GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*\("

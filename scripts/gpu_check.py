@@ -114,7 +114,9 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("cpt_64_split_2", "channels_per_thread", lambda v: 64, {"channel_split": 2}),
                 # split 4 ways, the partial sums in 3 rounds through one share of shared memory (one round: 96 KB)
                 ("cpt_64_split_4", "channels_per_thread", lambda v: 64, {"channel_split": 4}),
-                ("cpt_64_split_4_affine", "channels_per_thread", lambda v: 64, {"channel_split": 4, "sm_affine": True}))
+                ("cpt_64_split_4_affine", "channels_per_thread", lambda v: 64, {"channel_split": 4, "sm_affine": True}),
+                # the taps' global loads marked evict-first (unstaged; refused where a padded conv has no PTX taps)
+                ("evict_first", "evict_first", lambda v: True, {"stage_input": False}))
 SPEC_BASIC_CHANGES = 6
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels",
                    "batch16_13x13", "batch16_wide_3x3", "batch32_wide_1x1")
@@ -161,6 +163,15 @@ def _spec_variants(rule, spec, weight, all_changes: bool):
         out.append(("span", span, None) if span not in seen else ("span", None, "same knobs as an earlier variant"))
     except ValueError as e:
         out.append(("span", None, f"span_knobs refused: {e}"))
+        return out
+    seen.add(span)
+    # ... with 2 or 4 neighbouring pixels per thread (vector loads; a padded conv then reads the graph's padded
+    # input): check_shape refuses strided convs and rows that the pixels do not divide
+    for px in (2, 4):
+        k = span.with_(pixels_per_thread=px, pad_input=any(spec.pad))
+        out.append((f"span_px_{px}", k, None) if k not in seen else (f"span_px_{px}", None, "same knobs as an earlier "
+                                                                     "variant"))
+        seen.add(k)
     return out
 
 

@@ -17,25 +17,27 @@ from schedules import SpecializedCUDA
 from schedules.ptx_taps import MAX_OPERANDS, TapRun, render
 from _helpers import pruned
 
-_LD = re.compile(r"ld\.(shared|global\.nc)\.f32 t, \[%(\d+)\+(\d+)\];")
-_FMA = re.compile(r"fma\.rn\.f32 %(\d+), t, 0f([0-9A-F]{8}), %\1;")
+_LD = re.compile(r"ld\.(shared|global\.nc|global\.cs)(?:\.v(\d))?\.f32 (t|\{t0(?:, t\d)*\}), \[%(\d+)\+(\d+)\];")
+_FMA = re.compile(r"fma\.rn\.f32 %(\d+), t(\d?), 0f([0-9A-F]{8}), %\1;")
 
 
 def run_block(define: str, acc: list[float], memory: np.ndarray, base: int) -> list[float]:
     """Execute a rendered ``#define`` on float32 ``memory`` (byte address ``base`` = the pointer operand)."""
-    text = re.search(r'asm volatile\("\{ \.reg \.f32 t; (.*) \}"', define).group(1)
+    text = re.search(r'asm volatile\("\{ \.reg \.f32 t(?:0(?:, t\d)*)?; (.*) \}"', define).group(1)
     acc = [np.float32(a) for a in acc]
-    t = None
+    t = {}
     for ins in [s.strip() + ";" for s in text.split(";") if s.strip()]:
         if m := _LD.fullmatch(ins):
-            assert int(m.group(2)) == len(acc), "the load's base must be the operand after the accumulators"
-            addr = base + int(m.group(3))
-            assert addr % 4 == 0
-            t = memory[addr // 4]
+            width = int(m.group(2) or 1)
+            assert (m.group(3) == "t") == (width == 1), f"destination registers do not match the width: {ins}"
+            assert int(m.group(4)) == len(acc), "the load's base must be the operand after the accumulators"
+            addr = base + int(m.group(5))
+            assert addr % (4 * width) == 0, f"a {width}-float load at byte {addr} is misaligned"
+            t = {("" if width == 1 else str(i)): memory[addr // 4 + i] for i in range(width)}
         elif m := _FMA.fullmatch(ins):
-            w = np.float32(struct.unpack(">f", bytes.fromhex(m.group(2)))[0])
-            i = int(m.group(1))
-            acc[i] = np.float32(np.fma(t, w, acc[i]) if hasattr(np, "fma") else t * w + acc[i])
+            w = np.float32(struct.unpack(">f", bytes.fromhex(m.group(3)))[0])
+            i, v = int(m.group(1)), t[m.group(2)]
+            acc[i] = np.float32(np.fma(v, w, acc[i]) if hasattr(np, "fma") else v * w + acc[i])
         else:
             raise AssertionError(f"unexpected instruction {ins!r}")
     return acc
@@ -61,6 +63,30 @@ def test_global_block_and_exact_weight_bits():
     assert "0f" + struct.pack(">f", np.float32(w)).hex().upper() in define
 
 
+def test_vector_block_reads_each_lane_for_its_taps(rng):
+    """width 2: one aligned v2 load per pair of floats, each FMA naming its lane (pixel e of a thread reads
+    element offset + e, so lane = (offset + e) % 2)."""
+    mem = rng.standard_normal(64).astype(np.float32)
+    run = TapRun("global", ((0, ((0, 0.5, 1), (2, -2.0, 0))), (24, ((1, 1.25, 0), (0, 3.0, 1)))), width=2)
+    name, define = render(run)
+    assert "ld.global.nc.v2.f32 {t0, t1}, [%3+0];" in define and ".reg .f32 t0, t1;" in define
+    base = 16
+    got = run_block(define, [1.0, 2.0, 3.0], mem, base)
+    m = lambda off: mem[(base + off) // 4]  # noqa: E731
+    want = [1.0 + 0.5 * m(4) + 3.0 * m(28), 2.0 + 1.25 * m(24), 3.0 - 2.0 * m(0)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(AssertionError, match="misaligned"):  # the interpreter does check alignment
+        run_block(define, [1.0, 2.0, 3.0], mem, base + 4)
+
+
+def test_evict_first_marks_the_global_loads():
+    _, plain = render(TapRun("global", ((0, ((0, 1.0),)),)))
+    _, scalar = render(TapRun("global", ((0, ((0, 1.0),)),), evict_first=True))
+    _, vector = render(TapRun("global", ((16, ((0, 1.0, 3),)),), width=4, evict_first=True))
+    assert "ld.global.nc.f32" in plain and "ld.global.cs.f32 t," in scalar and "ld.global.cs.v4.f32 {t0, t1, t2, t3}" in vector
+    assert render(TapRun("global", ((0, ((0, 1.0),)),), evict_first=True))[0] != render(TapRun("global", ((0, ((0, 1.0),)),)))[0]
+
+
 def test_names_are_content_hashes():
     a = render(TapRun("shared", ((0, ((0, 1.0),)),)))
     assert render(TapRun("shared", ((0, ((0, 1.0),)),))) == a
@@ -73,6 +99,9 @@ def test_names_are_content_hashes():
     (TapRun("shared", ((2**31, ((0, 1.0),)),)), "offset"),
     (TapRun("local", ((0, ((0, 1.0),)),)), "memory space"),
     (TapRun("shared", ((0, tuple((j, 1.0) for j in range(MAX_OPERANDS))),)), "operand limit"),
+    (TapRun("global", ((4, ((0, 1.0, 0),)),), width=2), "aligned"),
+    (TapRun("global", ((0, ((0, 1.0, 0),)),), width=3), "1, 2 or 4"),
+    (TapRun("shared", ((0, ((0, 1.0),)),), evict_first=True), "global loads"),
 ])
 def test_bad_runs_are_refused(run, match):
     with pytest.raises(ValueError, match=match):

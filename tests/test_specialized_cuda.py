@@ -56,6 +56,12 @@ SIGNATURE_CASES = [
     # round) in 3 rounds
     ("3x3_span_split4_256_rounds", ConvSpec(N=4, C=64, H=7, W=7, K=32, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.9,
      Epilogue(relu=True), ("span", {"channels_per_thread": 32, "channel_split": 4, "threads_y": 2})),
+    # 2 neighbouring pixels per thread in the row layout: v2 loads of the graph's padded input; and a 1x1 row with
+    # 4 pixels per thread and evict-first loads
+    ("3x3_span_px2_b3", ConvSpec(N=3, C=16, H=8, W=8, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
+     Epilogue(relu=True, residual=True), ("span", {"pixels_per_thread": 2, "pad_input": True})),
+    ("1x1_span_px4_evict_b3", ConvSpec(N=3, C=16, H=6, W=6, K=8, KH=1, KW=1), 0.7,
+     Epilogue(relu=True), {"pixels_per_thread": 4, "evict_first": True}),
 ]
 
 
@@ -147,6 +153,8 @@ KNOB_CASES = [
     ("3x3_deep", ConvSpec(N=1, C=64, H=6, W=6, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.95),  # 8 chunks: input_parts
     # from the row layout (span_knobs) rather than the default: its knob values (pad_input) and their changes
     ("3x3_span", ConvSpec(N=3, C=16, H=7, W=7, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7),
+    # a 1x1 row of an even length: pixels_per_thread and evict_first are one-knob changes of its default
+    ("1x1_flat_even", ConvSpec(N=2, C=8, H=6, W=6, K=8, KH=1, KW=1), 0.7),
 ]
 REFUSALS = ("threads_x*threads_y", "shared memory",
             "rows_per_thread > 1 needs stage_input", "rows_per_thread > 1 does not apply",
@@ -154,7 +162,9 @@ REFUSALS = ("threads_x*threads_y", "shared memory",
             "channel chunks of a conv group", "span_images needs", "image_tile needs",
             "image_tile does not apply", "threads per block (channel_split and images_per_block included",
             "pad_input needs stage_input", "pad_input applies only", "span_images and image_tile",
-            "span_images on a padded conv needs pad_input")
+            "span_images on a padded conv needs pad_input", "pixels_per_thread > 1 needs span_images",
+            "must divide the row", "on a padded conv needs pad_input", "needs stride 1",
+            "evict_first needs stage_input", "evict_first marks the PTX tap loads")
 
 
 def _one_knob_changes(default: SpecializedKnobs):
