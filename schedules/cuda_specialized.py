@@ -84,6 +84,8 @@ ZERO_PAGE_TAPS = 25
 # (112x112) -9%); a 5x5 kernel on 27x27 was 4% slower (alexnet.conv2: the staged tile serves each element to 25
 # taps), so it stays staged; 224x224 (vgg16.conv1_2) is not measured in the row layout.
 ROW_LAYOUT = ((5 * 5, 14 * 14), (3 * 3, 112 * 112))
+# A staged chunk's element with evict_first: loaded with __ldcs (SASS LDG.E.EF) where it lies in the image, else 0.
+LDCS_OR_ZERO = "#define escort_ldcs_or_zero(c, p) ((c) ? __ldcs(p) : 0.0f)\n"
 SM_AFFINE_ITEMS = 1024  # the row layout takes sm_affine up to this many work items per group (see default_knobs)
 # The row layout's tap blocks take 16 channels each (one base select per 16 taps instead of 8) up to this many
 # output pixels per image: batch 32, against 8 in the same call (docs/bench/exp5, exp6): alexnet.conv3-5 -4..-5%,
@@ -134,8 +136,9 @@ class SpecializedKnobs(Knobs):
     # 3x3 row's 3 columns for 2 pixels where 6 scalar loads did (a padded conv then takes pad_input: the zero page
     # is chosen per pixel and kernel position, which neighbouring pixels do not share).
     pixels_per_thread: int = 1
-    # Unstaged: the taps' global loads are marked evict-first (ld.global.cs): for a kernel that reads each input
-    # element once (one group of a 1x1 row), so the stream neither waits on nor displaces cached lines.
+    # The input's global loads (unstaged: the taps; staged: the chunk copies) are marked evict-first (ld.global.cs):
+    # for a kernel that reads each input element once (one group of a 1x1 row), so the stream neither waits on nor
+    # displaces cached lines.
     evict_first: bool = False
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32, 64),
@@ -181,8 +184,6 @@ class SpecializedKnobs(Knobs):
             raise ValueError("pad_input needs stage_input=False (a staged kernel pads on chip, for free)")
         if self.span_images and self.image_tile:
             raise ValueError("span_images and image_tile are two different layouts of the threads")
-        if self.evict_first and self.stage_input:
-            raise ValueError("evict_first needs stage_input=False (it marks the taps' global loads)")
         if self.pixels_per_thread > 1 and not self.span_images:
             raise ValueError("pixels_per_thread > 1 needs span_images (the row layout: unstaged, threads along a row "
                              "of pixels)")
@@ -338,7 +339,7 @@ def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
                          "kernel positions there is no zero page; the row's taps are unpredicated loads)")
     if k.pad_input and not any(spec.pad):
         raise ValueError("pad_input applies only to a padded conv")
-    if k.evict_first and any(spec.pad) and not k.pad_input and not uses_zero_page(spec, k):
+    if k.evict_first and not k.stage_input and any(spec.pad) and not k.pad_input and not uses_zero_page(spec, k):
         raise ValueError("evict_first marks the PTX tap loads, which a padded conv over "
                          f"{ZERO_PAGE_TAPS} kernel positions reads only with pad_input (else predicated C loads)")
     if k.pixels_per_thread > 1:
@@ -513,6 +514,14 @@ class SpecializedCUDA(SparseConvRule):
         if (spec.N >= LARGE_BATCH and ks == 1 and (flat or (reuse and spec.K <= 64))
                 and self._warps(spec, wide) >= WARPS_TO_FILL and _fits(spec, wide)):
             knobs = wide
+        # Evict-first tap loads where the kernel reads each input element once: a 1x1 row whose conv group's output
+        # channels are one group. Batch 32, H200, against the default in the same call (docs/bench/x1b, ev_b):
+        # resnet50.l1.1x1in 0.0607 -> 0.0389 ms (-36%); where groups re-read the input from L2 or neighbouring taps
+        # share L1 lines it loses: l3.1x1out +7%, l4.1x1in +16%, the 3x3 row layouts +17..+57%. Small batch, where
+        # these layers take many groups, is not measured.
+        if (spec.N >= LARGE_BATCH and flat and not knobs.stage_input
+                and -(-(spec.K // spec.groups) // knobs.channels_per_thread) == 1):
+            knobs = knobs.with_(evict_first=True)
         while knobs.stage_input and shared_floats(spec, knobs) * 4 > SHARED_LIMIT and knobs.channel_chunk > 4:
             knobs = knobs.with_(channel_chunk=knobs.channel_chunk // 2)
         # a split whose partial sums would need rounds is halved instead (rounds were slower where measured: notes v17)
@@ -702,6 +711,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     on a large kernel that indexes one local array (measured in the notes).
     """
     import tvm
+    from tvm.backend.cuda.op import cuda_func_call
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as T
 
@@ -880,7 +890,11 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     gh, gw = row0 + p // SC, col0 + p % SC
                     ok = tvm.tirx.all(p < SR * SC, gh >= 0, gh < HE, gw >= 0, gw < WE, ci * CC + cc < C)
                     n_load = image(t)[2]
-                    return tvm.tirx.if_then_else(ok, xf[(n_load * C + ci * CC + cc) * HW + gh * WE + gw], f32(0.0))
+                    at = (n_load * C + ci * CC + cc) * HW + gh * WE + gw
+                    if k.evict_first:  # the address is formed outside the image too, but read only where ok
+                        return cuda_func_call("escort_ldcs_or_zero", ok, T.address_of(xf[at]), return_type="float32",
+                                              source_code=LDCS_OR_ZERO)
+                    return tvm.tirx.if_then_else(ok, xf[at], f32(0.0))
 
                 slots = [(slot, cc, ti) for ti in range(TI) for slot in range(NS) for cc in range(CC)]
                 if TB > 1:  # every tile starts at zero (plain stores: they also tell TVM the buffer's full extent,

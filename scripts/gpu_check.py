@@ -116,7 +116,9 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("cpt_64_split_4", "channels_per_thread", lambda v: 64, {"channel_split": 4}),
                 ("cpt_64_split_4_affine", "channels_per_thread", lambda v: 64, {"channel_split": 4, "sm_affine": True}),
                 # the taps' global loads marked evict-first (unstaged; refused where a padded conv has no PTX taps)
-                ("evict_first", "evict_first", lambda v: True, {"stage_input": False}))
+                ("evict_first", "evict_first", lambda v: True, {"stage_input": False}),
+                ("evict_first_staged", "evict_first", lambda v: True, {"stage_input": True, "span_images": False,
+                                                                        "pixels_per_thread": 1, "pad_input": False}))
 SPEC_BASIC_CHANGES = 6
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels",
                    "batch16_13x13", "batch16_wide_3x3", "batch32_wide_1x1")

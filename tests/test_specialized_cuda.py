@@ -164,7 +164,7 @@ REFUSALS = ("threads_x*threads_y", "shared memory",
             "pad_input needs stage_input", "pad_input applies only", "span_images and image_tile",
             "span_images on a padded conv needs pad_input", "pixels_per_thread > 1 needs span_images",
             "must divide the row", "on a padded conv needs pad_input", "needs stride 1",
-            "evict_first needs stage_input", "evict_first marks the PTX tap loads")
+            "evict_first marks the PTX tap loads")
 
 
 def _one_knob_changes(default: SpecializedKnobs):
@@ -355,6 +355,24 @@ def test_defaults_take_64_channels_per_thread_where_measured(rng):
         assert (knobs.channels_per_thread, knobs.channel_split) == (64, 1), name
     for name, spec in narrow.items():
         assert default(spec).channels_per_thread <= 32, name
+
+
+def test_defaults_mark_loads_evict_first_only_where_the_input_is_read_once(rng):
+    """Evict-first tap loads on a 1x1 row whose output channels are one group (its input read once), at batch >= 16:
+    not where several groups re-read the input, not on KxK rows (neighbouring taps share lines), not at batch 1."""
+    def default(spec):
+        return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9), spec.groups))
+
+    once = {"l1.1x1in": ConvSpec(N=32, C=256, H=56, W=56, K=64, KH=1, KW=1),
+            "grouped": ConvSpec(N=32, C=128, H=28, W=28, K=128, KH=1, KW=1, groups=4)}  # 32 channels per conv group
+    again = {"l3.1x1out": ConvSpec(N=32, C=256, H=14, W=14, K=1024, KH=1, KW=1),
+             "l2.3x3": ConvSpec(N=32, C=128, H=28, W=28, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)),
+             "l1.1x1in_b1": ConvSpec(N=1, C=256, H=56, W=56, K=64, KH=1, KW=1)}
+    for name, spec in once.items():
+        knobs = default(spec)
+        assert knobs.evict_first and -(-(spec.K // spec.groups) // knobs.channels_per_thread) == 1, (name, knobs)
+    for name, spec in again.items():
+        assert not default(spec).evict_first, name
 
 
 def test_largest_launch_nonzeros_matches_the_kernels_it_emits(cuda_target, rng):
