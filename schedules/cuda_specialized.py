@@ -540,6 +540,12 @@ class SpecializedCUDA(SparseConvRule):
         fits = staged_floats(spec, knobs) // _Geometry.of(spec, knobs).NT <= 32
         split_wide = knobs.channel_split == 2 and knobs.channels_per_thread >= 16 and spec.N >= 16
         knobs = knobs.with_(prefetch=fits and not split_wide)
+        # A 1x1 row split 4+ ways at large batch takes 256-thread rows, as the row layout does (default_knobs): each
+        # slice's code is run by 8 warps, the partial sums go in rounds. resnet50.l4.1x1in at batch 32 (H200,
+        # docs/bench/ex8): 0.0445 -> 0.0393 ms (-12%); with half the split, 0.0556.
+        tall = knobs.with_(threads_y=2)
+        if spec.N >= LARGE_BATCH and knobs.span_images and knobs.channel_split >= 4 and _valid(spec, tall):
+            knobs = tall
         # Where the fill rule split the chunk loop 4+ ways at large batch, 2 images per block and half the slices:
         # as many warps per block, but each slice's code (the slices walk different chunks) is run by twice the
         # warps. resnet50.l4.3x3 at batch 32 (H200, docs/bench/x3_b32): 0.1322 vs 0.1719 ms (-23%).

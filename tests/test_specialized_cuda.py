@@ -335,7 +335,8 @@ def test_defaults_keep_threads_busy_at_large_batch(rng):
     assert not b1.image_tile and not b1.span_images
     spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
     flat = default(spec)
-    assert flat.span_images and _Geometry.of(spec, flat).blocks_per_group(32, 1) == -(-32 * 49 // 128)
+    row = flat.threads_x * flat.threads_y  # 256 where the rule splits the row 4 ways (next test)
+    assert flat.span_images and _Geometry.of(spec, flat).blocks_per_group(32, 1) == -(-32 * 49 // row)
 
 
 def test_defaults_take_64_channels_per_thread_where_measured(rng):
@@ -373,6 +374,25 @@ def test_defaults_mark_loads_evict_first_only_where_the_input_is_read_once(rng):
         assert knobs.evict_first and -(-(spec.K // spec.groups) // knobs.channels_per_thread) == 1, (name, knobs)
     for name, spec in again.items():
         assert not default(spec).evict_first, name
+
+
+def test_defaults_run_256_thread_rows_where_a_row_is_split_4_ways(rng):
+    """At batch >= 16 a row split 4+ ways (the 1x1 row of resnet50.l4.1x1in, the 3x3 row of l4.3x3) runs 256-thread
+    rows, its partial sums in rounds; split less, or at batch 1, 128-thread rows."""
+    from schedules.cuda_specialized import reduces_in_rounds
+
+    def default(spec):
+        return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
+
+    for spec in (ConvSpec(N=32, C=2048, H=7, W=7, K=512, KH=1, KW=1),
+                 ConvSpec(N=32, C=512, H=7, W=7, K=512, KH=3, KW=3, pad=(1, 1, 1, 1))):
+        knobs = default(spec)
+        assert knobs.span_images and knobs.channel_split == 4 and knobs.threads_x * knobs.threads_y == 256, knobs
+        assert reduces_in_rounds(spec, knobs)
+    for spec in (ConvSpec(N=32, C=256, H=14, W=14, K=1024, KH=1, KW=1),  # unsplit
+                 ConvSpec(N=32, C=256, H=14, W=14, K=256, KH=3, KW=3, pad=(1, 1, 1, 1))):  # split 2 ways
+        knobs = default(spec)
+        assert knobs.channel_split < 4 and knobs.threads_x * knobs.threads_y == 128, knobs
 
 
 def test_largest_launch_nonzeros_matches_the_kernels_it_emits(cuda_target, rng):
