@@ -134,7 +134,8 @@ class SpecializedKnobs(Knobs):
     # Row layout (span_images), stride 1: each thread takes this many neighbouring output pixels of a row, so one
     # vector load (ld.global.nc.v2/v4) brings the inputs of several (pixel, kernel column) taps: 2 loads serve a
     # 3x3 row's 3 columns for 2 pixels where 6 scalar loads did (a padded conv then takes pad_input: the zero page
-    # is chosen per pixel and kernel position, which neighbouring pixels do not share).
+    # is chosen per pixel and kernel position, which neighbouring pixels do not share). Slower on every bench layer
+    # tried at batch 32 (the code per group doubles; notes v18), so no default takes it: a knob for the tuner.
     pixels_per_thread: int = 1
     # The input's global loads (unstaged: the taps; staged: the chunk copies) are marked evict-first (ld.global.cs):
     # for a kernel that reads each input element once (one group of a 1x1 row), so the stream neither waits on nor
@@ -705,7 +706,6 @@ def largest_launch_nonzeros(spec: ConvSpec, weight: SparseConvWeight, k: Special
     return largest * k.pixels_per_thread  # one FMA instruction per nonzero and pixel of the thread
 
 
-
 def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue: Epilogue, k: SpecializedKnobs,
                             kernel_nonzeros: int | None = None, fill_warps: int = WARPS_TO_FILL):
     """Emit the PrimFunc ``(x[N,C,H,W], bias[K], [residual[N,K,OH,OW]], y[N,K,OH,OW])``.
@@ -1007,7 +1007,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                         base = xf[nl * C * HW + ohc * sh * W + owc * sw]
                         offs = lambda t: t.c * HW + t.kh * dh * W + t.kw * dw  # noqa: E731
                     if PX == 1:
-                        run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in taps), evict_first=k.evict_first)
+                        run = ptx_taps.TapRun("global", tuple((4 * offs(t), t.fmas) for t in taps),
+                                              evict_first=k.evict_first)
                     else:  # pixel e of the thread's PX reads element offs + e (stride 1), in aligned vectors
                         vec: dict[int, list] = {}
                         for t in taps:
