@@ -386,6 +386,16 @@ def _valid(spec: ConvSpec, k: SpecializedKnobs) -> bool:
     return True
 
 
+def _tall_split_rows(spec: ConvSpec, k: SpecializedKnobs) -> SpecializedKnobs:
+    """A row (span_images) split 4+ ways in 256-thread rows where that is valid, else ``k``: each slice's code is then
+    run by 8 warps of the block, half the blocks, and the partial sums (96 KB in one round at 32 channels) go in
+    rounds. Batch 32, H200, against 128-thread rows in the same call: resnet50.l4.3x3 0.1115 -> 0.0896 ms (-20%;
+    64-thread rows +26%, half the split +16%; docs/bench/exp7), resnet50.l4.1x1in 0.0445 -> 0.0393 (-12%; half the
+    split 0.0556; docs/bench/ex8). Split 2 ways, doubling the split to take them was 38-142% slower (docs/bench/exp9)."""
+    tall = k.with_(threads_y=2)
+    return tall if k.span_images and k.channel_split >= 4 and _valid(spec, tall) else k
+
+
 def _fits(spec: ConvSpec, k: SpecializedKnobs) -> bool:
     """Whether the default rule may take ``k`` in general: valid, and its split's partial sums in one round (rounds
     cost 6-14% where they only made room for sm_affine or 64 channels, notes v17; see default_knobs for the one
@@ -457,11 +467,8 @@ class SpecializedCUDA(SparseConvRule):
             row = self.span_knobs(spec, weight)
             if spec.OH * spec.OW <= ROW_WIDE_CHUNK_PIXELS:
                 row = row.with_(channel_chunk=16)
-            # Split 4+ ways: 256-thread rows, so each slice's code is run by 8 warps of the block, half the blocks,
-            # and the partial sums (96 KB in one round) go in rounds: resnet50.l4.3x3 at batch 32 (docs/bench/exp7)
-            # 0.1115 -> 0.0896 ms (-20%); 64-thread rows +26%, half the split +16%.
-            tall = row.with_(threads_y=2)
-            if row.channel_split >= 4 and _valid(spec, tall):
+            tall = _tall_split_rows(spec, row)
+            if tall is not row:
                 return tall
             # sm_affine where groups are few (v7) and their work items not thousands (vgg16.conv3_2, 784 items per
             # group: -4% on the row layout; conv2_2, 3136: +9%, the atomics queue up; docs/bench/row56), and where its
@@ -541,12 +548,8 @@ class SpecializedCUDA(SparseConvRule):
         fits = staged_floats(spec, knobs) // _Geometry.of(spec, knobs).NT <= 32
         split_wide = knobs.channel_split == 2 and knobs.channels_per_thread >= 16 and spec.N >= 16
         knobs = knobs.with_(prefetch=fits and not split_wide)
-        # A 1x1 row split 4+ ways at large batch takes 256-thread rows, as the row layout does (default_knobs): each
-        # slice's code is run by 8 warps, the partial sums go in rounds. resnet50.l4.1x1in at batch 32 (H200,
-        # docs/bench/ex8): 0.0445 -> 0.0393 ms (-12%); with half the split, 0.0556.
-        tall = knobs.with_(threads_y=2)
-        if spec.N >= LARGE_BATCH and knobs.span_images and knobs.channel_split >= 4 and _valid(spec, tall):
-            knobs = tall
+        if spec.N >= LARGE_BATCH:  # a 1x1 row split 4+ ways (the KxK rows take it in default_knobs)
+            knobs = _tall_split_rows(spec, knobs)
         # Where the fill rule split the chunk loop 4+ ways at large batch, 2 images per block and half the slices:
         # as many warps per block, but each slice's code (the slices walk different chunks) is run by twice the
         # warps. resnet50.l4.3x3 at batch 32 (H200, docs/bench/x3_b32): 0.1322 vs 0.1719 ms (-23%).
@@ -730,6 +733,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
     HE, WE = (1, HW) if geo.flat else (H, W)  # the input as the kernel indexes it
     TX, TY, NT, PY, PX = geo.TX, geo.TY, geo.NT, geo.PY, geo.PX
     PT = PY * PX  # output pixels per thread: rows of a column (staged) or neighbours in a row (row layout)
+    step = lambda q: (0, q) if PX > 1 else (q, 0)  # noqa: E731  (rows, columns) from a thread's first pixel to its q-th
     CC = min(k.channel_chunk, C)
     SR, SC = geo.halo(spec)
     NS = -(-SR * SC // NT)  # staging slots per thread
@@ -1057,7 +1061,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             def store_one(g, j, q, t):
                 kk = g.first + j
                 oh_t, ow_t = pixel(t)
-                qy, qx = (0, q) if PX > 1 else (q, 0)
+                qy, qx = step(q)
                 n_t = image(t)[0]
                 o = (n_t * K + kk) * (OH * OW) + (ow_t + qx if geo.flat else (oh_t + qy) * OW + ow_t + qx)
                 # the first piece starts from the bias, later ones from the sum the pieces before left in y
@@ -1075,7 +1079,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 if geo.linear:
                     stored = tvm.tirx.all(stored, tid < geo.OH * geo.OW)
                 for q in range(PT):
-                    qy, qx = (0, q) if PX > 1 else (q, 0)
+                    qy, qx = step(q)
                     inside = [] if geo.span_ow else [oh_t + qy < geo.OH, ow_t + qx < geo.OW]
                     with T.If(tvm.tirx.all(*inside, stored)):
                         with T.Then():

@@ -65,20 +65,21 @@ def render(run: TapRun) -> tuple[str, str]:
         raise ValueError(f"unknown memory space {run.space!r}")
     if run.width not in (1, 2, 4):
         raise ValueError(f"tap loads are 1, 2 or 4 floats wide, not {run.width}")
+    # one float lands in t; a vector in t0 .. t{width-1}, each FMA naming its lane
+    lanes = ["t"] if run.width == 1 else [f"t{i}" for i in range(run.width)]
+    dest = lanes[0] if run.width == 1 else "{" + ", ".join(lanes) + "}"
+    if run.width > 1:
+        load = load.replace(".f32", f".v{run.width}.f32")
     body = []
     for off, fmas in run.taps:
         if not 0 <= off <= INT32_MAX:
             raise ValueError(f"tap offset {off} bytes does not fit a PTX immediate offset")
-        if run.width == 1:
-            body.append(f"{load} t, [%{base}+{off}];")
-            body += [f"fma.rn.f32 %{op[j]}, t, {_imm(w)}, %{op[j]};" for j, w in fmas]
-            continue
-        if off % (4 * run.width):
+        if run.width > 1 and off % (4 * run.width):
             raise ValueError(f"a {run.width}-float tap load at byte offset {off} is not {4 * run.width}-byte aligned")
-        lanes = ", ".join(f"t{i}" for i in range(run.width))
-        body.append(f"{load.replace('.f32', f'.v{run.width}.f32')} {{{lanes}}}, [%{base}+{off}];")
-        body += [f"fma.rn.f32 %{op[j]}, t{lane}, {_imm(w)}, %{op[j]};" for j, w, lane in fmas]
-    regs = "t" if run.width == 1 else ", ".join(f"t{i}" for i in range(run.width))
+        body.append(f"{load} {dest}, [%{base}+{off}];")
+        body += [f"fma.rn.f32 %{op[f[0]]}, {lanes[f[2] if run.width > 1 else 0]}, {_imm(f[1])}, %{op[f[0]]};"
+                 for f in fmas]
+    regs = ", ".join(lanes)
     text = "{ .reg .f32 " + regs + "; " + " ".join(body) + " }"
     if run.guarded and run.space != "global":
         raise ValueError("a guarded base (zero page) is for global loads")

@@ -5,8 +5,13 @@
 #define C 256
 #define K 64
 #define HW 3136
-// one pixel per thread, channel loop unrolled (the specialised flat kernel's pattern)
-extern "C" __global__ void __launch_bounds__(128) p1(const float* __restrict__ x, float* __restrict__ y) {
+// one pixel per thread, channel loop unrolled (the specialised flat kernel's pattern); LD is the load's cache hint
+struct LdNc { static __device__ float ld(const float* p) { return __ldg(p); } };    // LDG.E.CONSTANT
+struct LdCg { static __device__ float ld(const float* p) { return __ldcg(p); } };   // L2 only
+struct LdCs { static __device__ float ld(const float* p) { return __ldcs(p); } };   // evict-first, LDG.E.EF
+struct LdLu { static __device__ float ld(const float* p) { return __ldlu(p); } };   // last use, LDG.E.LU
+template <class LD>
+__device__ void one_pixel(const float* __restrict__ x, float* __restrict__ y) {
   int g = blockIdx.x * 128 + threadIdx.x;
   if (g >= N * HW) return;
   int n = g / HW, p = g % HW;
@@ -16,7 +21,7 @@ extern "C" __global__ void __launch_bounds__(128) p1(const float* __restrict__ x
   for (int j = 0; j < K; ++j) acc[j] = 0.f;
 #pragma unroll
   for (int c = 0; c < C; ++c) {
-    float v = __ldg(xp + c * HW);
+    float v = LD::ld(xp + c * HW);
 #pragma unroll
     for (int r = 0; r < 6; ++r) acc[(c * 7 + r * 13) % K] += v * (1.0f + r);
   }
@@ -24,6 +29,10 @@ extern "C" __global__ void __launch_bounds__(128) p1(const float* __restrict__ x
 #pragma unroll
   for (int j = 0; j < K; ++j) yp[j * HW] = acc[j];
 }
+extern "C" __global__ void __launch_bounds__(128) p1(const float* __restrict__ x, float* __restrict__ y) { one_pixel<LdNc>(x, y); }
+extern "C" __global__ void __launch_bounds__(128) p1cg(const float* __restrict__ x, float* __restrict__ y) { one_pixel<LdCg>(x, y); }
+extern "C" __global__ void __launch_bounds__(128) p1cs(const float* __restrict__ x, float* __restrict__ y) { one_pixel<LdCs>(x, y); }
+extern "C" __global__ void __launch_bounds__(128) p1lu(const float* __restrict__ x, float* __restrict__ y) { one_pixel<LdLu>(x, y); }
 // V pixels per thread (vector loads), KV accumulators per pixel, KG = K / KV groups of channels (grid.y)
 template <int V, int KV>
 __device__ void pv(const float* __restrict__ x, float* __restrict__ y) {
@@ -73,60 +82,3 @@ extern "C" __global__ void __launch_bounds__(128) r1(const float* __restrict__ x
   y[g] = s;
 }
 extern "C" __global__ void empty_kernel(const float* __restrict__ x, float* __restrict__ y) {}
-
-extern "C" __global__ void __launch_bounds__(128) p1cg(const float* __restrict__ x, float* __restrict__ y) {
-  int g = blockIdx.x * 128 + threadIdx.x;
-  if (g >= N * HW) return;
-  int n = g / HW, p = g % HW;
-  const float* xp = x + (size_t)n * C * HW + p;
-  float acc[K];
-#pragma unroll
-  for (int j = 0; j < K; ++j) acc[j] = 0.f;
-#pragma unroll
-  for (int c = 0; c < C; ++c) {
-    float v = __ldcg(xp + c * HW);
-#pragma unroll
-    for (int r = 0; r < 6; ++r) acc[(c * 7 + r * 13) % K] += v * (1.0f + r);
-  }
-  float* yp = y + (size_t)n * K * HW + p;
-#pragma unroll
-  for (int j = 0; j < K; ++j) yp[j * HW] = acc[j];
-}
-
-extern "C" __global__ void __launch_bounds__(128) p1cs(const float* __restrict__ x, float* __restrict__ y) {
-  int g = blockIdx.x * 128 + threadIdx.x;
-  if (g >= N * HW) return;
-  int n = g / HW, p = g % HW;
-  const float* xp = x + (size_t)n * C * HW + p;
-  float acc[K];
-#pragma unroll
-  for (int j = 0; j < K; ++j) acc[j] = 0.f;
-#pragma unroll
-  for (int c = 0; c < C; ++c) {
-    float v = __ldcs(xp + c * HW);
-#pragma unroll
-    for (int r = 0; r < 6; ++r) acc[(c * 7 + r * 13) % K] += v * (1.0f + r);
-  }
-  float* yp = y + (size_t)n * K * HW + p;
-#pragma unroll
-  for (int j = 0; j < K; ++j) yp[j * HW] = acc[j];
-}
-
-extern "C" __global__ void __launch_bounds__(128) p1lu(const float* __restrict__ x, float* __restrict__ y) {
-  int g = blockIdx.x * 128 + threadIdx.x;
-  if (g >= N * HW) return;
-  int n = g / HW, p = g % HW;
-  const float* xp = x + (size_t)n * C * HW + p;
-  float acc[K];
-#pragma unroll
-  for (int j = 0; j < K; ++j) acc[j] = 0.f;
-#pragma unroll
-  for (int c = 0; c < C; ++c) {
-    float v = __ldlu(xp + c * HW);
-#pragma unroll
-    for (int r = 0; r < 6; ++r) acc[(c * 7 + r * 13) % K] += v * (1.0f + r);
-  }
-  float* yp = y + (size_t)n * K * HW + p;
-#pragma unroll
-  for (int j = 0; j < K; ++j) yp[j * HW] = acc[j];
-}
