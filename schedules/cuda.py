@@ -36,6 +36,8 @@ class CUDAKnobs(Knobs):
     channels_per_block: int = 4  # output channels whose CSR rows one block stages and walks in turn
     chunk: int = 1024  # nonzeros staged in shared memory at a time
     pad_on_chip: bool = False  # padded conv: predicated loads of the plain input instead of a pad op
+    nonzero_split: int = 1  # slices of the block (threadIdx.z) that share a channel's nonzeros, summed in shared
+    unroll: int = 1  # nonzeros a thread loads before their FMAs (1: the plain loop, which nvcc unrolls 4x)
     SPACE: ClassVar = {
         "threads_x": (8, 16, 32),
         "threads_y": (1, 2, 4, 8, 16),
@@ -44,12 +46,15 @@ class CUDAKnobs(Knobs):
         "channels_per_block": (1, 2, 4, 8, 16),
         "chunk": (256, 512, 1024, 2048),
         "pad_on_chip": (False, True),
+        "nonzero_split": (1, 2, 4, 8),
+        "unroll": (1, 8, 16),
     }
 
     def validate(self) -> None:
         super().validate()
-        if not 32 <= self.threads_x * self.threads_y <= 1024:
-            raise ValueError(f"threads_x*threads_y={self.threads_x * self.threads_y} must be in [32, 1024]")
+        if not 32 <= self.threads_x * self.threads_y * self.nonzero_split <= 1024:
+            raise ValueError(f"threads_x*threads_y*nonzero_split="
+                             f"{self.threads_x * self.threads_y * self.nonzero_split} must be in [32, 1024]")
 
 
 # Where the CSR kernel beats the build's dense path (TVM's conv2d), from the sparsity sweep at batch 32
@@ -180,7 +185,10 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
     CHW = spec.C * hp * wp
     TX, TY, VW, VN, KB, CH = (k.threads_x, k.threads_y, k.pixels_per_thread, k.images_per_thread,
                               k.channels_per_block, k.chunk)
-    NT = TX * TY
+    KS, U = k.nonzero_split, k.unroll
+    NT0 = TX * TY  # threads of one slice
+    NT = NT0 * KS
+    A = VN * VW  # accumulators per thread
     COLS = -(-OW // (TX * VW))  # column tiles per row tile
     TILES = COLS * -(-OH // TY)
     KG = -(-K // KB)
@@ -205,6 +213,12 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
         at = (off & ((1 << TAP_SHIFT) - 1)) + (oh * sh - pt) * wp + (ow0 + v * TX) * sw - pl
         return tirx.if_then_else(inside, x[n, at], tirx.const(0.0, "float32"))
 
+    @T.macro
+    def fma_nonzero(acc, x, ng, oh, ow0, s_off, s_val, j):
+        for i in T.unroll(VN):
+            for v in T.unroll(VW):
+                acc[i * VW + v] = acc[i * VW + v] + s_val[j] * tap_value(x, ng, i, oh, ow0, v, s_off[j])
+
     @T.prim_func(s_tir=True)
     def sparse_conv2d_cuda(x: T.Buffer((NP, CHW), "float32"), row_ptr: T.Buffer((K + 1,), "int32"),
                            offset: T.Buffer((nnz,), "int32"), value: T.Buffer((nnz,), "float32"),
@@ -214,60 +228,84 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
         for ng in T.thread_binding(NG, thread="blockIdx.z"):
             for kg in T.thread_binding(KG, thread="blockIdx.y"):
                 for tile in T.thread_binding(TILES, thread="blockIdx.x"):
-                    for ty in T.thread_binding(TY, thread="threadIdx.y"):
-                        for tx in T.thread_binding(TX, thread="threadIdx.x"):
-                            with T.sblock("conv"):
-                                if res:
-                                    T.reads(x[0:NP, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz], bias[0:K],
-                                            residual[0:N, 0:K, 0:OH, 0:OW])
-                                else:
-                                    T.reads(x[0:NP, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz], bias[0:K])
-                                T.writes(y[0:N, 0:K, 0:OH, 0:OW])
-                                s_off = T.alloc_buffer((CH,), "int32", scope="shared")
-                                s_val = T.alloc_buffer((CH,), "float32", scope="shared")
-                                acc = T.alloc_buffer((VN * VW,), "float32", scope="local")
-                                oh = (tile // COLS) * TY + ty
-                                ow0 = (tile % COLS) * (TX * VW) + tx
-                                start = row_ptr[kg * KB]
-                                end = row_ptr[T.min(kg * KB + KB, K)]
-                                if end - start <= CH:  # the whole group fits: stage it once
-                                    for i in T.serial(LOADS):
-                                        if i * NT + ty * TX + tx < end - start:
-                                            s_off[i * NT + ty * TX + tx] = offset[start + i * NT + ty * TX + tx]
-                                            s_val[i * NT + ty * TX + tx] = value[start + i * NT + ty * TX + tx]
-                                    T.tvm_storage_sync("shared")
-                                for kb in T.serial(KB):
-                                    for a in T.unroll(VN * VW):
-                                        acc[a] = bias[T.min(kg * KB + kb, K - 1)]
-                                    lo = row_ptr[T.min(kg * KB + kb, K)] - start
-                                    hi = row_ptr[T.min(kg * KB + kb + 1, K)] - start
-                                    # (a loop starting at lo // CH lost that start in the j bounds below
-                                    # after TVM's loop normalisation, so start at 0 and skip instead)
-                                    for c in T.serial((hi + (CH - 1)) // CH):
-                                        if c >= lo // CH and end - start > CH:  # block-uniform: stage chunk c
+                    for tz in T.thread_binding(KS, thread="threadIdx.z"):
+                        for ty in T.thread_binding(TY, thread="threadIdx.y"):
+                            for tx in T.thread_binding(TX, thread="threadIdx.x"):
+                                with T.sblock("conv"):
+                                    if res:
+                                        T.reads(x[0:NP, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz],
+                                                bias[0:K], residual[0:N, 0:K, 0:OH, 0:OW])
+                                    else:
+                                        T.reads(x[0:NP, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz],
+                                                bias[0:K])
+                                    T.writes(y[0:N, 0:K, 0:OH, 0:OW])
+                                    s_off = T.alloc_buffer((CH,), "int32", scope="shared")
+                                    s_val = T.alloc_buffer((CH,), "float32", scope="shared")
+                                    if KS > 1:
+                                        s_part = T.alloc_buffer(((KS - 1) * A * NT0,), "float32", scope="shared")
+                                    acc = T.alloc_buffer((A,), "float32", scope="local")
+                                    lid = (tz * TY + ty) * TX + tx
+                                    oh = (tile // COLS) * TY + ty
+                                    ow0 = (tile % COLS) * (TX * VW) + tx
+                                    start = row_ptr[kg * KB]
+                                    end = row_ptr[T.min(kg * KB + KB, K)]
+                                    if end - start <= CH:  # the whole group fits: stage it once
+                                        for i in T.serial(LOADS):
+                                            if i * NT + lid < end - start:
+                                                s_off[i * NT + lid] = offset[start + i * NT + lid]
+                                                s_val[i * NT + lid] = value[start + i * NT + lid]
+                                        T.tvm_storage_sync("shared")
+                                    for kb in T.serial(KB):
+                                        for a in T.unroll(A):  # slice 0 starts from the bias, the others from 0
+                                            acc[a] = T.if_then_else(tz == 0, bias[T.min(kg * KB + kb, K - 1)],
+                                                                    T.float32(0))
+                                        lo = row_ptr[T.min(kg * KB + kb, K)] - start
+                                        hi = row_ptr[T.min(kg * KB + kb + 1, K)] - start
+                                        # (a loop starting at lo // CH lost that start in the j bounds below
+                                        # after TVM's loop normalisation, so start at 0 and skip instead)
+                                        for c in T.serial((hi + (CH - 1)) // CH):
+                                            if c >= lo // CH and end - start > CH:  # block-uniform: stage chunk c
+                                                T.tvm_storage_sync("shared")
+                                                for i in T.serial(LOADS):
+                                                    if i * NT + lid < CH and start + c * CH + i * NT + lid < end:
+                                                        s_off[i * NT + lid] = offset[start + c * CH + i * NT + lid]
+                                                        s_val[i * NT + lid] = value[start + c * CH + i * NT + lid]
+                                                T.tvm_storage_sync("shared")
+                                            j0 = T.max(lo - c * CH, 0)
+                                            if KS == 1 and U == 1:
+                                                for j in T.serial(j0, T.min(hi - c * CH, CH)):
+                                                    fma_nonzero(acc, x, ng, oh, ow0, s_off, s_val, j)
+                                            else:
+                                                # slice tz takes every KS-th nonzero; U loads issue before their FMAs
+                                                cnt = (T.max(T.min(hi - c * CH, CH) - j0, 0) - tz + (KS - 1)) // KS
+                                                for t in T.serial(cnt // U):
+                                                    for u in T.unroll(U):
+                                                        fma_nonzero(acc, x, ng, oh, ow0, s_off, s_val,
+                                                                    j0 + tz + KS * (t * U + u))
+                                                for t in T.serial(cnt % U):
+                                                    fma_nonzero(acc, x, ng, oh, ow0, s_off, s_val,
+                                                                j0 + tz + KS * ((cnt // U) * U + t))
+                                        if KS > 1:  # slices 1.. hand their sums to slice 0 through shared memory
                                             T.tvm_storage_sync("shared")
-                                            for i in T.serial(LOADS):
-                                                if (i * NT + ty * TX + tx < CH
-                                                        and start + c * CH + i * NT + ty * TX + tx < end):
-                                                    s_off[i * NT + ty * TX + tx] = offset[start + c * CH + i * NT + ty * TX + tx]
-                                                    s_val[i * NT + ty * TX + tx] = value[start + c * CH + i * NT + ty * TX + tx]
+                                            if tz > 0:
+                                                for a in T.unroll(A):
+                                                    s_part[((tz - 1) * A + a) * NT0 + ty * TX + tx] = acc[a]
                                             T.tvm_storage_sync("shared")
-                                        for j in T.serial(T.max(lo - c * CH, 0), T.min(hi - c * CH, CH)):
-                                            for i in T.unroll(VN):
-                                                for v in T.unroll(VW):
-                                                    acc[i * VW + v] = acc[i * VW + v] + s_val[j] * tap_value(
-                                                        x, ng, i, oh, ow0, v, s_off[j])
-                                    for i in T.unroll(VN):
-                                        for v in T.unroll(VW):
-                                            if (kg * KB + kb < K and ng * VN + i < N and oh < OH
-                                                    and ow0 + v * TX < OW):
-                                                if res:
-                                                    acc[i * VW + v] = acc[i * VW + v] + residual[
-                                                        ng * VN + i, kg * KB + kb, oh, ow0 + v * TX]
-                                                if relu:
-                                                    y[ng * VN + i, kg * KB + kb, oh, ow0 + v * TX] = T.max(
-                                                        acc[i * VW + v], T.float32(0))
-                                                else:
-                                                    y[ng * VN + i, kg * KB + kb, oh, ow0 + v * TX] = acc[i * VW + v]
+                                            if tz == 0:
+                                                for z in T.unroll(KS - 1):
+                                                    for a in T.unroll(A):
+                                                        acc[a] = acc[a] + s_part[(z * A + a) * NT0 + ty * TX + tx]
+                                        for i in T.unroll(VN):
+                                            for v in T.unroll(VW):
+                                                if (tz == 0 and kg * KB + kb < K and ng * VN + i < N and oh < OH
+                                                        and ow0 + v * TX < OW):
+                                                    if res:
+                                                        acc[i * VW + v] = acc[i * VW + v] + residual[
+                                                            ng * VN + i, kg * KB + kb, oh, ow0 + v * TX]
+                                                    if relu:
+                                                        y[ng * VN + i, kg * KB + kb, oh, ow0 + v * TX] = T.max(
+                                                            acc[i * VW + v], T.float32(0))
+                                                    else:
+                                                        y[ng * VN + i, kg * KB + kb, oh, ow0 + v * TX] = acc[i * VW + v]
 
     return drop_unused_residual(sparse_conv2d_cuda, epilogue)

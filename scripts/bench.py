@@ -193,14 +193,18 @@ def git_info() -> dict:
 
 # ====================================================================== prepare (here: TVM compiler + nvcc)
 def knob_variants(rule, spec, weight, how: str, seed: int) -> list:
-    """The default knobs first, then alternatives: ``all`` valid settings, or N in total (one-knob
-    neighbours of the default, nearest values first and round-robin over knobs, then seeded random ones)."""
+    """The default knobs first, then alternatives: ``all`` valid settings, N in total (one-knob neighbours
+    of the default, nearest values first and round-robin over knobs, then seeded random ones), or a list of
+    changes of the default (``default,nonzero_split=2,nonzero_split=2+unroll=8``: each entry sets knobs by
+    name; an invalid or repeated setting is left out)."""
     import numpy as np
 
     default = rule.default_knobs(spec, weight)
     if how == "default":
         return [default]
     cls = type(default)
+    if "=" in how:
+        return _listed_variants(default, how)
 
     def valid(k):
         try:
@@ -233,6 +237,29 @@ def knob_variants(rule, spec, weight, how: str, seed: int) -> list:
         rng = np.random.default_rng(seed)
         for j in rng.permutation(len(space))[: n - len(out)]:
             out.append(space[int(j)])
+    return out
+
+
+def _listed_variants(default, how: str) -> list:
+    out = [default]
+    for entry in [e.strip() for e in how.split(",") if e.strip() and e.strip() != "default"]:
+        changes = {}
+        for step in entry.split("+"):
+            name, sep, value = step.partition("=")
+            if not sep or name not in type(default).SPACE:
+                raise ValueError(f"variant {entry!r}: {step!r} is not knob=value for a knob of "
+                                 f"{type(default).__name__} ({', '.join(type(default).SPACE)})")
+            cands = type(default).SPACE[name]
+            changes[name] = next((c for c in cands if str(c) == value), None)
+            if changes[name] is None:
+                raise ValueError(f"variant {entry!r}: {name}={value} is not one of {cands}")
+        knobs = default.with_(**changes)
+        try:
+            knobs.validate()
+        except ValueError:
+            continue
+        if knobs not in out:
+            out.append(knobs)
     return out
 
 
@@ -2211,7 +2238,8 @@ def main(argv=None) -> int:
     p.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR))
     p.add_argument("--layers", help="comma-separated layer names (default: all 16)")
     p.add_argument("--batches", help="comma-separated batch sizes (default: 1,32)")
-    p.add_argument("--variants", default="default", help="default | all | N (default + N-1 alternatives)")
+    p.add_argument("--variants", default="default", help="default | all | N (default + N-1 alternatives) | a list of changes, e.g. "
+                        "default,nonzero_split=2,nonzero_split=2+unroll=8")
     p.add_argument("--no-sweep", action="store_true", help="leave out the sparsity sweep")
     p.add_argument("--quick", action="store_true", help=f"one small case: {QUICK_LAYER}, batch 1")
     p.add_argument("--max-kernels", type=int, default=1000, help="refuse to build more kernels than this")

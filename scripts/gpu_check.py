@@ -251,13 +251,19 @@ def _modules(mod):
 
 
 def _variants(rule, spec, weight, n):
-    """The default knobs, its padding flipped on or off chip, then seeded random settings up to n (small chunks
-    included, to hit the multi-chunk path)."""
+    """The default knobs, its padding flipped on or off chip, the nonzeros split 4 ways and unrolled over
+    small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks), then
+    seeded random settings up to n (small chunks included, to hit the multi-chunk path)."""
     from schedules import CUDAKnobs
 
     out = [rule.default_knobs(spec, weight)]
     if n > 1 and any(spec.pad):  # the padded conv with its padding on chip (predicated loads)
         out.append(out[0].with_(pad_on_chip=not out[0].pad_on_chip))
+    if n > len(out):
+        split = out[0].with_(nonzero_split=4, unroll=8, chunk=256, channels_per_block=4)
+        while split.threads_x * split.threads_y * split.nonzero_split > 1024:
+            split = split.with_(threads_y=split.threads_y // 2)
+        out.append(split)
     rng = np.random.default_rng(len(out) + spec.K)
     while len(out) < n:
         kw = {name: vals[rng.integers(len(vals))] for name, vals in CUDAKnobs.SPACE.items()}

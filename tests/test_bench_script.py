@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +216,28 @@ def test_specialized_variants_are_one_knob_changes():
         bench.specialized_variants(d, "default,bogus")
     with pytest.raises(ValueError, match="start with 'default'"):
         bench.specialized_variants(d, "stage_flip")
+
+
+def test_csr_variants_listed_by_knob_changes():
+    bench = _bench_module()
+    from escort_tvm.conv_spec import ConvSpec
+    from escort_tvm.sparse_format import SparseConvWeight
+    from schedules import SparseConvCUDA
+
+    rng = np.random.default_rng(0)
+    spec = ConvSpec(N=1, C=16, H=13, W=13, K=32, KH=3, KW=3, pad=(1, 1, 1, 1))
+    w = rng.standard_normal(spec.weight_shape).astype(np.float32) * (rng.random(spec.weight_shape) < 0.1)
+    weight = SparseConvWeight.from_dense(w)
+    rule = SparseConvCUDA()
+    d = rule.default_knobs(spec, weight)
+    how = "default,nonzero_split=2,nonzero_split=2+unroll=8,unroll=16,nonzero_split=2,threads_y=16+nonzero_split=8"
+    vs = bench.knob_variants(rule, spec, weight, how, seed=0)
+    # the repeat and the 16 x 16 x 8 = 2048-thread block are left out
+    assert vs == [d, d.with_(nonzero_split=2), d.with_(nonzero_split=2, unroll=8), d.with_(unroll=16)]
+    with pytest.raises(ValueError, match="not knob=value"):
+        bench.knob_variants(rule, spec, weight, "default,bogus=2", seed=0)
+    with pytest.raises(ValueError, match="not one of"):
+        bench.knob_variants(rule, spec, weight, "default,unroll=3", seed=0)
 
 
 def test_elf_section_sizes_reads_a_cubin(tmp_path):
