@@ -27,6 +27,9 @@ from escort_tvm.sparse_format import SparseConvWeight
 from .base import LARGE_BATCH, KernelPlan, Knobs, SparseConvRule, csr_arrays
 
 
+STATIC_SHARED_BYTES = 48 * 1024  # a kernel's static __shared__ limit
+
+
 @dataclass(frozen=True)
 class CUDAKnobs(Knobs):
     threads_x: int = 32  # threads along the output row
@@ -55,6 +58,14 @@ class CUDAKnobs(Knobs):
         if not 32 <= self.threads_x * self.threads_y * self.nonzero_split <= 1024:
             raise ValueError(f"threads_x*threads_y*nonzero_split="
                              f"{self.threads_x * self.threads_y * self.nonzero_split} must be in [32, 1024]")
+        if self.shared_bytes() > STATIC_SHARED_BYTES:
+            raise ValueError(f"chunk={self.chunk} and nonzero_split={self.nonzero_split} need {self.shared_bytes()} "
+                             f"bytes of shared memory (staged nonzeros + partial sums), more than a kernel's static "
+                             f"{STATIC_SHARED_BYTES}")
+
+    def shared_bytes(self) -> int:
+        partial_sums = (self.nonzero_split - 1) * self.images_per_thread * self.pixels_per_thread
+        return 8 * self.chunk + 4 * partial_sums * self.threads_x * self.threads_y
 
 
 # Where the CSR kernel beats the build's dense path (TVM's conv2d), from the sparsity sweep at batch 32
