@@ -39,6 +39,7 @@ class CUDAKnobs(Knobs):
     channels_per_block: int = 4  # output channels whose CSR rows one block stages and walks in turn
     chunk: int = 1024  # nonzeros staged in shared memory at a time
     pad_on_chip: bool = False  # padded conv: predicated loads of the plain input instead of a pad op
+    tap_mask: bool = False  # pad_on_chip: one bit test of a per-pixel mask of in-image kernel positions per load
     nonzero_split: int = 1  # slices of the block (threadIdx.z) that share a channel's nonzeros, summed in shared
     unroll: int = 1  # nonzeros a thread loads before their FMAs (1: the plain loop, which nvcc unrolls 4x)
     SPACE: ClassVar = {
@@ -49,6 +50,7 @@ class CUDAKnobs(Knobs):
         "channels_per_block": (1, 2, 4, 8, 16),
         "chunk": (256, 512, 1024, 2048),
         "pad_on_chip": (False, True),
+        "tap_mask": (False, True),
         "nonzero_split": (1, 2, 4, 8),
         "unroll": (1, 8, 16),
     }
@@ -58,6 +60,8 @@ class CUDAKnobs(Knobs):
         if not 32 <= self.threads_x * self.threads_y * self.nonzero_split <= 1024:
             raise ValueError(f"threads_x*threads_y*nonzero_split="
                              f"{self.threads_x * self.threads_y * self.nonzero_split} must be in [32, 1024]")
+        if self.tap_mask and not self.pad_on_chip:
+            raise ValueError("tap_mask is a way of pad_on_chip: it needs pad_on_chip=True")
         if self.shared_bytes() > STATIC_SHARED_BYTES:
             raise ValueError(f"chunk={self.chunk} and nonzero_split={self.nonzero_split} need {self.shared_bytes()} "
                              f"bytes of shared memory (staged nonzeros + partial sums), more than a kernel's static "
@@ -155,7 +159,7 @@ class SparseConvCUDA(SparseConvRule):
         hp, wp, extra = self.layout(spec, knobs)
         arrays = csr_arrays(weight, spec, hp, wp)
         if _reads_predicated(spec, knobs):
-            arrays = (arrays[0], _packed_offsets(spec, weight, arrays[1])) + arrays[2:]
+            arrays = (arrays[0], _packed_offsets(spec, weight, arrays[1], knobs.tap_mask)) + arrays[2:]
         func = _cuda_kernel(spec, len(arrays[1]), epilogue, hp, wp, extra, knobs)
         return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec, extra_images=extra)
 
@@ -170,20 +174,28 @@ def _reads_predicated(spec: ConvSpec, k: CUDAKnobs) -> bool:
     return k.pad_on_chip and not _reads_clamped(spec)
 
 
-TAP_SHIFT = 24  # packed offset: bits 0-23 the unpadded offset, 24-27 kh * dh, 28-31 kw * dw
+TAP_SHIFT = 24  # packed offset: bits 0-23 the unpadded offset; 24-27 kh * dh, 28-31 kw * dw (or kh * KW + kw)
+MASK_TAPS = 32  # tap_mask: one bit per kernel position in an int32
 
 
-def _packed_offsets(spec: ConvSpec, weight: SparseConvWeight, offsets):
-    """Offsets into the plain (C, H, W) input with each nonzero's kernel row and column in the top byte."""
+def _packed_offsets(spec: ConvSpec, weight: SparseConvWeight, offsets, tap_mask: bool = False):
+    """Offsets into the plain (C, H, W) input with each nonzero's kernel position in the top byte: its row and
+    column scaled by the dilation, or (``tap_mask``) its index kh * KW + kw."""
     import numpy as np
 
     (dh, dw) = spec.dilation
-    if spec.C * spec.H * spec.W >= 1 << TAP_SHIFT or (spec.KH - 1) * dh > 15 or (spec.KW - 1) * dw > 15:
-        raise ValueError(f"pad_on_chip packs offsets below 2^{TAP_SHIFT} and (kh, kw) * dilation below 16: "
-                         f"{spec.describe()} does not fit")
+    if spec.C * spec.H * spec.W >= 1 << TAP_SHIFT:
+        raise ValueError(f"pad_on_chip packs offsets below 2^{TAP_SHIFT}: {spec.describe()} has C*H*W = "
+                         f"{spec.C * spec.H * spec.W}")
+    if tap_mask and spec.KH * spec.KW > MASK_TAPS:
+        raise ValueError(f"tap_mask keeps one bit per kernel position in {MASK_TAPS} bits: {spec.describe()} has "
+                         f"{spec.KH * spec.KW}")
+    if not tap_mask and ((spec.KH - 1) * dh > 15 or (spec.KW - 1) * dw > 15):
+        raise ValueError(f"pad_on_chip packs (kh, kw) * dilation below 16: {spec.describe()} does not fit")
     if weight.nnz == 0:
         return offsets
-    tap = (weight.kh.astype(np.int64) * dh << TAP_SHIFT) | (weight.kw.astype(np.int64) * dw << (TAP_SHIFT + 4))
+    kh, kw = weight.kh.astype(np.int64), weight.kw.astype(np.int64)
+    tap = (kh * spec.KW + kw) << TAP_SHIFT if tap_mask else (kh * dh << TAP_SHIFT) | (kw * dw << (TAP_SHIFT + 4))
     return (offsets.astype(np.int64) | tap).astype(np.uint32).view(np.int32)
 
 
@@ -207,9 +219,19 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
     LOADS = -(-CH // NT)
     relu, res = epilogue.relu, epilogue.residual
     clamp, predicated = _reads_clamped(spec), _reads_predicated(spec, k)
+    masked = predicated and k.tap_mask
     pt, pl = spec.pad[0], spec.pad[1]
+    (dh, dw) = spec.dilation
 
-    def tap_value(x, ng, i, oh, ow0, v, off):
+    def inside_bit(oh, ow0, v, kh, kw):
+        """Bit kh * KW + kw of pixel v's mask: set where that kernel position reads inside the image."""
+        from tvm import tirx
+
+        ih, iw = oh * sh - pt + kh * dh, (ow0 + v * TX) * sw - pl + kw * dw
+        bit = tirx.const(1, "int32") << (kh * spec.KW + kw)
+        return tirx.if_then_else(tirx.all(ih >= 0, ih < spec.H, iw >= 0, iw < spec.W), bit, tirx.const(0, "int32"))
+
+    def tap_value(x, masks, ng, i, oh, ow0, v, off):
         """The input a thread's accumulator (i, v) multiplies by the nonzero at (stretched) offset ``off``."""
         if not (clamp or predicated):
             return x[ng * VN + i, off + oh * (sh * wp) + ow0 * sw + v * (TX * sw)]
@@ -218,17 +240,20 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
         n = tirx.min(ng * VN + i, N - 1)
         if clamp:
             return x[n, off + tirx.min(oh, OH - 1) * (sh * wp) + tirx.min(ow0 + v * TX, OW - 1) * sw]
-        ih = oh * sh - pt + ((off >> TAP_SHIFT) & 15)
-        iw = (ow0 + v * TX) * sw - pl + ((off >> (TAP_SHIFT + 4)) & 15)
-        inside = tirx.all(ih >= 0, ih < spec.H, iw >= 0, iw < spec.W)
+        if masked:
+            inside = ((masks[v] >> ((off >> TAP_SHIFT) & (MASK_TAPS - 1))) & 1) != 0
+        else:
+            ih = oh * sh - pt + ((off >> TAP_SHIFT) & 15)
+            iw = (ow0 + v * TX) * sw - pl + ((off >> (TAP_SHIFT + 4)) & 15)
+            inside = tirx.all(ih >= 0, ih < spec.H, iw >= 0, iw < spec.W)
         at = (off & ((1 << TAP_SHIFT) - 1)) + (oh * sh - pt) * wp + (ow0 + v * TX) * sw - pl
         return tirx.if_then_else(inside, x[n, at], tirx.const(0.0, "float32"))
 
     @T.macro
-    def fma_nonzero(acc, x, ng, oh, ow0, s_off, s_val, j):
+    def fma_nonzero(acc, masks, x, ng, oh, ow0, s_off, s_val, j):
         for i in T.unroll(VN):
             for v in T.unroll(VW):
-                acc[i * VW + v] = acc[i * VW + v] + s_val[j] * tap_value(x, ng, i, oh, ow0, v, s_off[j])
+                acc[i * VW + v] = acc[i * VW + v] + s_val[j] * tap_value(x, masks, ng, i, oh, ow0, v, s_off[j])
 
     @T.prim_func(s_tir=True)
     def sparse_conv2d_cuda(x: T.Buffer((NP, CHW), "float32"), row_ptr: T.Buffer((K + 1,), "int32"),
@@ -255,9 +280,16 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                     if KS > 1:
                                         s_part = T.alloc_buffer(((KS - 1) * A * NT0,), "float32", scope="shared")
                                     acc = T.alloc_buffer((A,), "float32", scope="local")
+                                    masks = T.alloc_buffer((VW,), "int32", scope="local")
                                     lid = (tz * TY + ty) * TX + tx
                                     oh = (tile // COLS) * TY + ty
                                     ow0 = (tile % COLS) * (TX * VW) + tx
+                                    if masked:
+                                        for v in T.unroll(VW):
+                                            masks[v] = 0
+                                            for kh in T.unroll(spec.KH):
+                                                for kw in T.unroll(spec.KW):
+                                                    masks[v] = masks[v] | inside_bit(oh, ow0, v, kh, kw)
                                     start = row_ptr[kg * KB]
                                     end = row_ptr[T.min(kg * KB + KB, K)]
                                     if end - start <= CH:  # the whole group fits: stage it once
@@ -285,16 +317,16 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                             j0 = T.max(lo - c * CH, 0)
                                             if KS == 1 and U == 1:
                                                 for j in T.serial(j0, T.min(hi - c * CH, CH)):
-                                                    fma_nonzero(acc, x, ng, oh, ow0, s_off, s_val, j)
+                                                    fma_nonzero(acc, masks, x, ng, oh, ow0, s_off, s_val, j)
                                             else:
                                                 # slice tz takes every KS-th nonzero; U loads issue before their FMAs
                                                 cnt = (T.max(T.min(hi - c * CH, CH) - j0, 0) - tz + (KS - 1)) // KS
                                                 for t in T.serial(cnt // U):
                                                     for u in T.unroll(U):
-                                                        fma_nonzero(acc, x, ng, oh, ow0, s_off, s_val,
+                                                        fma_nonzero(acc, masks, x, ng, oh, ow0, s_off, s_val,
                                                                     j0 + tz + KS * (t * U + u))
                                                 for t in T.serial(cnt % U):
-                                                    fma_nonzero(acc, x, ng, oh, ow0, s_off, s_val,
+                                                    fma_nonzero(acc, masks, x, ng, oh, ow0, s_off, s_val,
                                                                 j0 + tz + KS * ((cnt // U) * U + t))
                                         if KS > 1:  # slices 1.. hand their sums to slice 0 through shared memory
                                             T.tvm_storage_sync("shared")

@@ -252,7 +252,8 @@ def _modules(mod):
 
 def _variants(rule, spec, weight, n):
     """The default knobs, its padding flipped on or off chip, the nonzeros split 4 ways and unrolled over
-    small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks), then
+    small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks; a padded
+    conv's padding on chip by tap mask), then
     seeded random settings up to n (small chunks included, to hit the multi-chunk path)."""
     from schedules import CUDAKnobs
 
@@ -261,6 +262,8 @@ def _variants(rule, spec, weight, n):
         out.append(out[0].with_(pad_on_chip=not out[0].pad_on_chip))
     if n > len(out):
         split = out[0].with_(nonzero_split=4, unroll=8, chunk=256, channels_per_block=4)
+        if any(spec.pad) and spec.KH * spec.KW <= 32:  # ... and the padding on chip by a mask of kernel positions
+            split = split.with_(pad_on_chip=True, tap_mask=True)
         while split.threads_x * split.threads_y * split.nonzero_split > 1024:
             split = split.with_(threads_y=split.threads_y // 2)
         out.append(split)
@@ -326,7 +329,12 @@ def prepare(d: Path, variants: int, parts: set[str] = frozenset({"models", "csr"
         ref = conv2d_reference(x, w, spec, b, relu)
         np.savez(d / f"case_{name}.npz", x=x, b=b, ref=ref)
         for vi, knobs in enumerate(_variants(rule, spec, weight, variants)):
-            plan = rule.apply(spec, weight, Epilogue(relu=relu), knobs)
+            try:
+                plan = rule.apply(spec, weight, Epilogue(relu=relu), knobs)
+            except ValueError as e:  # a setting this conv cannot take (e.g. tap_mask on a 7x7 kernel)
+                print(f"  {name} variant {vi} refused: {e}", flush=True)
+                manifest.setdefault("refused", []).append({"case": name, "knobs": knobs.as_dict(), "reason": str(e)})
+                continue
             sym = f"k_{name}_{vi}"
             funcs[sym] = plan.func.with_attr("global_symbol", sym)
             f = f"{sym}.npz"
