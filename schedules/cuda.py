@@ -130,16 +130,15 @@ class SparseConvCUDA(SparseConvRule):
                 vw = 2
             if OH <= 7 and tx * ty > 32:
                 ty = max(1, 32 // tx)
-        # Padding on chip at small batch (H200, batch 1, kernel + its pad op vs kernel with predicated loads,
-        # docs/bench/csr_b1 and sm_b1): 3-11% faster on the four padded 13x13/14x14-output layers of 59-88k
-        # nonzeros (alexnet.conv3-5, resnet50.l3.3x3: the 7.3 us pad op outweighs the predicates); 46-48%
-        # slower on the two of 236k (vgg16.conv5_2, resnet50.l4.3x3) and 8-100% slower on outputs of 27x27 and
-        # more (alexnet.conv2, resnet50.l1.3x3, vgg16.conv1_2-3_2), where the predicates cost more than the pad
-        # op; 15% faster on one 28x28 layer (resnet50.l2.3x3) that the rule leaves out. The 2^17 nonzeros
-        # boundary lies between the measured wins and losses.
-        pad_on_chip = spec.N < LARGE_BATCH and any(spec.pad) and weight.nnz < 1 << 17 and OH * OW <= 14 * 14
-        return CUDAKnobs(threads_x=tx, threads_y=ty, pixels_per_thread=vw, images_per_thread=vn,
-                         channels_per_block=kb, chunk=1024, pad_on_chip=pad_on_chip)
+        knobs = CUDAKnobs(threads_x=tx, threads_y=ty, pixels_per_thread=vw, images_per_thread=vn,
+                          channels_per_block=kb, chunk=1024)
+        return _small_batch_latency(spec, weight, knobs) if spec.N < LARGE_BATCH else knobs
+
+    @staticmethod
+    def warps(spec: ConvSpec, k: CUDAKnobs) -> int:
+        tiles = -(-spec.OW // (k.threads_x * k.pixels_per_thread)) * -(-spec.OH // k.threads_y)
+        blocks = tiles * -(-spec.K // k.channels_per_block) * -(-spec.N // k.images_per_thread)
+        return blocks * -(-k.threads_x * k.threads_y * k.nonzero_split // 32)
 
     @staticmethod
     def layout(spec: ConvSpec, k: CUDAKnobs) -> tuple[int, int, int]:
@@ -162,6 +161,40 @@ class SparseConvCUDA(SparseConvRule):
             arrays = (arrays[0], _packed_offsets(spec, weight, arrays[1], knobs.tap_mask)) + arrays[2:]
         func = _cuda_kernel(spec, len(arrays[1]), epilogue, hp, wp, extra, knobs)
         return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec, extra_images=extra)
+
+
+# Below LARGE_BATCH the kernel is bound by each thread's chain of dependent gathers, not by any throughput
+# (notes/cuda-sparse-conv.md, eleventh session). Measured at batch 1 (H200, docs/bench/b1s, 18 variants of
+# each of the 16 layers side by side, every one checked against float64):
+# - unroll 8 (8 loads in flight, not nvcc's 4): part of the best variant on 15 of 16 layers (the other a tie).
+# - padding on chip by tap mask: on 11 of the 13 padded layers it beats both the pad op and the compare-based
+#   predicates (resnet50.l4.3x3 25.7 -> 17.7 us, l2.3x3 30.5 -> 15.0, alexnet.conv2 72.3 -> 31.5 with the
+#   others; alexnet.conv3 19.6 -> 17.1 over the compares); ties on vgg16.conv5_2 (41.3 vs 40.7); loses on
+#   vgg16.conv3_2 and conv4_2 (+17%, +9%: two pixels and 4-8 channels per thread), which batch 1 gives the
+#   specialised kernel. Beyond 32 kernel positions (7x7, 11x11) the compares stay, on the old rule.
+# - nonzero_split: more slices while the grid stays within ~2 waves of resident warps (16384) and blocks
+#   within 512 threads: the best or within 5% on the 7 layers batch 1 gives CSR (alexnet.conv3-5,
+#   resnet50.l3.3x3: 4 slices, 21.6 -> 17.1, 30.1 -> 19.6, 21.5 -> 15.5, 22.7 -> 15.6 us; l4.3x3 and
+#   l4.1x1in: 8, 25.7 -> 17.7 and 11.5 -> 9.7; vgg16.conv5_2: 4, 43.5 -> 41.3); 7% off on resnet50.l2.3x3.
+SMALL_BATCH_UNROLL = 8
+FILL_WARPS = 16384
+SPLIT_BLOCK_THREADS = 512
+
+
+def _small_batch_latency(spec: ConvSpec, weight: SparseConvWeight, k: CUDAKnobs) -> CUDAKnobs:
+    """Batch-1-style knobs: more nonzeros in flight per thread and more threads per channel (rule above)."""
+    k = k.with_(unroll=SMALL_BATCH_UNROLL)
+    if any(spec.pad) and spec.KH * spec.KW <= MASK_TAPS:
+        k = k.with_(pad_on_chip=True, tap_mask=True)
+    elif any(spec.pad):
+        # Compare-based predicates (H200, batch 1, docs/bench/csr_b1 and sm_b1): 3-11% faster than the pad op
+        # on padded 13x13/14x14 outputs under 2^17 nonzeros, slower on larger outputs and weights.
+        k = k.with_(pad_on_chip=weight.nnz < 1 << 17 and spec.OH * spec.OW <= 14 * 14)
+    base = SparseConvCUDA.warps(spec, k)
+    for ks in (8, 4, 2):
+        if base * ks <= FILL_WARPS and k.threads_x * k.threads_y * ks <= SPLIT_BLOCK_THREADS:
+            return k.with_(nonzero_split=ks)
+    return k
 
 
 def _reads_clamped(spec: ConvSpec) -> bool:

@@ -200,15 +200,54 @@ def test_pad_on_chip_offsets_carry_each_nonzero_tap(rng):
 
     spec = ConvSpec(N=1, C=5, H=9, W=11, K=4, KH=3, KW=5, pad=(1, 2, 1, 2), dilation=(2, 1))
     sw = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.6))
-    plan = SparseConvCUDA().apply(spec, sw, Epilogue(), SparseConvCUDA().default_knobs(spec, sw).with_(pad_on_chip=True))
+    rule = SparseConvCUDA()
+    compares = rule.default_knobs(spec, sw).with_(pad_on_chip=True, tap_mask=False)
+    plan = rule.apply(spec, sw, Epilogue(), compares)
     assert (plan.hp, plan.wp, plan.extra_images) == (spec.H, spec.W, 0)  # the graph pass emits no pad op
     packed = plan.weight_arrays[1].view(np.uint32).astype(np.int64)
     assert np.array_equal(packed & ((1 << TAP_SHIFT) - 1), sw.stretched_offsets(spec.H, spec.W, spec.dilation))
     assert np.array_equal((packed >> TAP_SHIFT) & 15, sw.kh * 2) and np.array_equal(packed >> (TAP_SHIFT + 4), sw.kw)
+    # tap_mask: the kernel position's index kh * KW + kw above bit 24 instead
+    masked = rule.apply(spec, sw, Epilogue(), compares.with_(tap_mask=True)).weight_arrays[1].view(np.uint32)
+    masked = masked.astype(np.int64)
+    assert np.array_equal(masked & ((1 << TAP_SHIFT) - 1), sw.stretched_offsets(spec.H, spec.W, spec.dilation))
+    assert np.array_equal(masked >> TAP_SHIFT, sw.kh * spec.KW + sw.kw)
+    seven = ConvSpec(N=1, C=3, H=12, W=12, K=4, KH=7, KW=7, pad=(3, 3, 3, 3))
+    w7 = SparseConvWeight.from_dense(pruned(rng, seven.weight_shape, 0.5))
+    with pytest.raises(ValueError, match="tap_mask keeps one bit per kernel position in 32 bits.*has 49"):
+        rule.apply(seven, w7, Epilogue(), compares.with_(tap_mask=True))
+    with pytest.raises(ValueError, match="tap_mask is a way of pad_on_chip"):
+        compares.with_(pad_on_chip=False, tap_mask=True).validate()
     big = ConvSpec(N=1, C=1 << 10, H=128, W=128, K=4, KH=3, KW=3, pad=(1, 1, 1, 1))  # C*H*W = 2^24
     wb = SparseConvWeight.from_dense(np.eye(4, 1 << 10, dtype=np.float32)[:, :, None, None] * np.ones((3, 3), np.float32))
     with pytest.raises(ValueError, match="pad_on_chip packs offsets"):
         SparseConvCUDA().apply(big, wb, Epilogue(), SparseConvCUDA().default_knobs(big, wb).with_(pad_on_chip=True))
+
+
+def test_small_batch_defaults_put_more_nonzeros_in_flight(rng):
+    """Below LARGE_BATCH: 8 loads in flight, padding on chip by tap mask up to 32 kernel positions (compares,
+    on the old rule, beyond), and the nonzeros split while the grid stays under FILL_WARPS warps and blocks
+    under 512 threads; at batch 32 none of it (measured at batch 1 only)."""
+    from schedules.cuda import FILL_WARPS, SPLIT_BLOCK_THREADS
+
+    rule = SparseConvCUDA()
+
+    def knobs(spec):
+        return rule.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
+
+    conv3 = ConvSpec(N=1, C=256, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1))  # alexnet.conv3
+    k = knobs(conv3)
+    assert (k.unroll, k.pad_on_chip, k.tap_mask, k.nonzero_split) == (8, True, True, 4)
+    assert rule.warps(conv3, k) <= FILL_WARPS < rule.warps(conv3, k.with_(nonzero_split=8)) or \
+        k.threads_x * k.threads_y * 8 > SPLIT_BLOCK_THREADS
+    l4 = ConvSpec(N=1, C=512, H=7, W=7, K=512, KH=3, KW=3, pad=(1, 1, 1, 1))  # resnet50.l4.3x3: one-warp blocks
+    assert knobs(l4).nonzero_split == 8
+    stem = knobs(ConvSpec(N=1, C=3, H=224, W=224, K=64, KH=7, KW=7, stride=(2, 2), pad=(3, 3, 3, 3)))
+    assert not stem.tap_mask and not stem.pad_on_chip  # 49 positions: compares, and 112x112 is past their rule
+    one = knobs(ConvSpec(N=1, C=1024, H=7, W=7, K=2048, KH=1, KW=1))
+    assert not one.pad_on_chip and one.unroll == 8 and one.nonzero_split == 8
+    big = knobs(ConvSpec(N=32, C=256, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)))
+    assert (big.unroll, big.pad_on_chip, big.tap_mask, big.nonzero_split) == (1, False, False, 1)
 
 
 def test_cuda_builds_compress_the_fatbin_for_size(cuda_target, rng):
