@@ -86,6 +86,17 @@ ZERO_PAGE_TAPS = 25
 ROW_LAYOUT = ((5 * 5, 14 * 14), (3 * 3, 112 * 112))
 # A staged chunk's element with evict_first: loaded with __ldcs (SASS LDG.E.EF) where it lies in the image, else 0.
 LDCS_OR_ZERO = "#define escort_ldcs_or_zero(c, p) ((c) ? __ldcs(p) : 0.0f)\n"
+# At batch 1 the staged tiles are bound by instruction fetch (ncu on vgg16.conv2_2, docs/bench/final_b1: 9.7 of
+# 14.1 cycles per issued instruction stall on "no instruction"; the L2 flush leaves the code in HBM). The row
+# layout, with sm_affine where a group has many work items (its blocks then share one SM's instruction cache),
+# measured against the tiles in one call (H200, docs/bench/b1x): vgg16.conv2_2 (112x112) 46.3 -> 31.7 us,
+# conv3_2 (56x56) 51.0 -> 43.3 (sm_affine -9% on both), resnet50.l2.3x3 (28x28, 7 items per group) 16.3 -> 13.3
+# without sm_affine (+56% with it). alexnet.conv2 (5x5, 27x27) and the 1x1 rows stay (span 12% slower on conv2;
+# sm_affine 2-18x slower on the 1x1s). Above ROW_BATCH1_NONZEROS the row layout is one function too large to
+# compile (vgg16.conv4_2, 236k: cicc still running after 16 minutes), so those keep tiles.
+ROW_BATCH1_PIXELS = (28 * 28, 112 * 112)
+ROW_BATCH1_NONZEROS = 65536
+ROW_BATCH1_AFFINE_ITEMS = 16
 SM_AFFINE_ITEMS = 1024  # the row layout takes sm_affine up to this many work items per group (see default_knobs)
 # The row layout's tap blocks take 16 channels each (one base select per 16 taps instead of 8) up to this many
 # output pixels per image: batch 32, against 8 in the same call (docs/bench/exp5, exp6): alexnet.conv3-5 -4..-5%,
@@ -478,6 +489,14 @@ class SpecializedCUDA(SparseConvRule):
             items = _Geometry.of(spec, row).blocks_per_group(spec.N, 1)
             if -(-spec.K // row.channels_per_thread) <= 32 and items <= SM_AFFINE_ITEMS and _fits(spec, affine):
                 return affine
+            return row
+        if (spec.N == 1 and not flat and spec.K > 64 and spec.KH * spec.KW <= 3 * 3
+                and ROW_BATCH1_PIXELS[0] <= spec.OH * spec.OW <= ROW_BATCH1_PIXELS[1]
+                and weight.nnz <= ROW_BATCH1_NONZEROS):
+            row = self.span_knobs(spec, weight)
+            affine = row.with_(sm_affine=True)
+            if _Geometry.of(spec, row).blocks_per_group(1, 1) >= ROW_BATCH1_AFFINE_ITEMS:
+                return affine  # (conv3_2's partial sums then take two rounds; measured so)
             return row
         return self.tile_knobs(spec, weight)
 

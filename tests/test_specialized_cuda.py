@@ -376,6 +376,27 @@ def test_defaults_mark_loads_evict_first_only_where_the_input_is_read_once(rng):
         assert not default(spec).evict_first, name
 
 
+def test_defaults_take_the_row_layout_at_batch_1_where_tiles_wait_on_instruction_fetch(rng):
+    """At batch 1, 3x3 convs of 28x28 to 112x112 outputs up to ROW_BATCH1_NONZEROS take the row layout, with
+    sm_affine where a group has ROW_BATCH1_AFFINE_ITEMS+ work items; larger weights (one function too large to
+    compile), 5x5 kernels, 64-channel convs and other batches keep tiles."""
+    from schedules.cuda_specialized import ROW_BATCH1_NONZEROS
+
+    def default(spec, sparsity=0.9):
+        return RULE.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, sparsity)))
+
+    conv2_2 = default(ConvSpec(N=1, C=128, H=112, W=112, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)))
+    assert conv2_2.span_images and conv2_2.sm_affine and not conv2_2.stage_input
+    l2 = default(ConvSpec(N=1, C=128, H=28, W=28, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)))  # 7 work items per group
+    assert l2.span_images and not l2.sm_affine
+    conv4_2 = ConvSpec(N=1, C=512, H=28, W=28, K=512, KH=3, KW=3, pad=(1, 1, 1, 1))
+    assert conv4_2.C * conv4_2.K * 9 // 10 > ROW_BATCH1_NONZEROS and not default(conv4_2).span_images
+    for spec in (ConvSpec(N=1, C=96, H=27, W=27, K=256, KH=5, KW=5, pad=(2, 2, 2, 2)),  # alexnet.conv2
+                 ConvSpec(N=1, C=64, H=56, W=56, K=64, KH=3, KW=3, pad=(1, 1, 1, 1)),  # resnet50.l1.3x3
+                 ConvSpec(N=4, C=128, H=28, W=28, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))):
+        assert not default(spec).span_images, spec.describe()
+
+
 def test_defaults_run_256_thread_rows_where_a_row_is_split_4_ways(rng):
     """At batch >= 16 a row split 4+ ways (the 1x1 row of resnet50.l4.1x1in, the 3x3 row of l4.3x3) runs 256-thread
     rows, its partial sums in rounds; split less, or at batch 1, 128-thread rows."""
