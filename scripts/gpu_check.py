@@ -259,7 +259,7 @@ def _variants(rule, spec, weight, n):
 
     out = [rule.default_knobs(spec, weight)]
     if n > 1 and any(spec.pad):  # the padded conv with its padding on chip (predicated loads)
-        out.append(out[0].with_(pad_on_chip=not out[0].pad_on_chip))
+        out.append(out[0].with_(pad_on_chip=not out[0].pad_on_chip, tap_mask=False))  # (the compares, if on chip)
     if n > len(out):
         split = out[0].with_(nonzero_split=4, unroll=8, chunk=256, channels_per_block=4)
         if any(spec.pad) and spec.KH * spec.KW <= 32:  # ... and the padding on chip by a mask of kernel positions

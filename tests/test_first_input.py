@@ -14,9 +14,9 @@ from _helpers import pruned
 # for a ragged last image pair, the plain input of an unpadded conv, the specialised kernel's x
 CASES = [
     (ConvSpec(N=3, C=8, H=9, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), SparseConvCUDA(), {"pad_on_chip": True}),
-    (ConvSpec(N=3, C=8, H=9, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), SparseConvCUDA(), {"pad_on_chip": False}),
+    (ConvSpec(N=3, C=8, H=9, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), SparseConvCUDA(), {"pad_on_chip": False, "tap_mask": False}),
     (ConvSpec(N=3, C=8, H=9, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), SparseConvCUDA(),
-     {"pad_on_chip": False, "images_per_thread": 2}),
+     {"pad_on_chip": False, "tap_mask": False, "images_per_thread": 2}),
     (ConvSpec(N=2, C=8, H=7, W=7, K=8, KH=1, KW=1), SparseConvCUDA(), {}),
     (ConvSpec(N=2, C=8, H=9, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), SpecializedCUDA(), {}),
 ]
