@@ -225,7 +225,7 @@ def test_csr_variants_listed_by_knob_changes():
     from schedules import SparseConvCUDA
 
     rng = np.random.default_rng(0)
-    spec = ConvSpec(N=1, C=16, H=13, W=13, K=32, KH=3, KW=3, pad=(1, 1, 1, 1))
+    spec = ConvSpec(N=32, C=16, H=13, W=13, K=32, KH=3, KW=3, pad=(1, 1, 1, 1))  # defaults: no split, no unroll
     w = rng.standard_normal(spec.weight_shape).astype(np.float32) * (rng.random(spec.weight_shape) < 0.1)
     weight = SparseConvWeight.from_dense(w)
     rule = SparseConvCUDA()
