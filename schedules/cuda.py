@@ -40,7 +40,7 @@ class CUDAKnobs(Knobs):
     chunk: int = 1024  # nonzeros staged in shared memory at a time
     pad_on_chip: bool = False  # padded conv: predicated loads of the plain input instead of a pad op
     tap_mask: bool = False  # pad_on_chip: one bit test of a per-pixel mask of in-image kernel positions per load
-    nonzero_split: int = 1  # slices of the block (threadIdx.z) that share a channel's nonzeros, summed in shared
+    nonzero_split: int = 1  # threadIdx.z slices sharing a channel's nonzeros (partial sums through shared memory)
     unroll: int = 1  # nonzeros a thread loads before their FMAs (1: the plain loop, which nvcc unrolls 4x)
     SPACE: ClassVar = {
         "threads_x": (8, 16, 32),
@@ -167,7 +167,7 @@ class SparseConvCUDA(SparseConvRule):
 # (notes/cuda-sparse-conv.md, eleventh session). Measured at batch 1 (H200, docs/bench/b1s, 18 variants of
 # each of the 16 layers side by side, every one checked against float64):
 # - unroll 8 (8 loads in flight, not nvcc's 4): part of the best variant on 15 of 16 layers (the other a tie).
-# - padding on chip by tap mask: on 11 of the 13 padded layers it beats both the pad op and the compare-based
+# - padding on chip by tap mask: on 10 of the 13 padded layers it beats both the pad op and the compare-based
 #   predicates (resnet50.l4.3x3 25.7 -> 17.7 us, l2.3x3 30.5 -> 15.0, alexnet.conv2 72.3 -> 31.5 with the
 #   others; alexnet.conv3 19.6 -> 17.1 over the compares); ties on vgg16.conv5_2 (41.3 vs 40.7); loses on
 #   vgg16.conv3_2 and conv4_2 (+17%, +9%: two pixels and 4-8 channels per thread), which batch 1 gives the
