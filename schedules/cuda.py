@@ -67,9 +67,13 @@ class CUDAKnobs(Knobs):
                              f"bytes of shared memory (staged nonzeros + partial sums), more than a kernel's static "
                              f"{STATIC_SHARED_BYTES}")
 
+    def partial_sum_floats(self) -> int:
+        """Shared memory for the partial sums of slices 1.. of nonzero_split (each thread's accumulators)."""
+        per_thread = self.images_per_thread * self.pixels_per_thread
+        return (self.nonzero_split - 1) * per_thread * self.threads_x * self.threads_y
+
     def shared_bytes(self) -> int:
-        partial_sums = (self.nonzero_split - 1) * self.images_per_thread * self.pixels_per_thread
-        return 8 * self.chunk + 4 * partial_sums * self.threads_x * self.threads_y
+        return 8 * self.chunk + 4 * self.partial_sum_floats()
 
 
 # Where the CSR kernel beats the build's dense path (TVM's conv2d), from the sparsity sweep at batch 32
@@ -256,13 +260,19 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
     pt, pl = spec.pad[0], spec.pad[1]
     (dh, dw) = spec.dilation
 
+    def in_image(oh, ow0, v, dy, dx):
+        """Whether pixel v of the thread reads inside the image at (dy, dx) = (kh * dh, kw * dw) from its corner."""
+        from tvm import tirx
+
+        ih, iw = oh * sh - pt + dy, (ow0 + v * TX) * sw - pl + dx
+        return tirx.all(ih >= 0, ih < spec.H, iw >= 0, iw < spec.W)
+
     def inside_bit(oh, ow0, v, kh, kw):
         """Bit kh * KW + kw of pixel v's mask: set where that kernel position reads inside the image."""
         from tvm import tirx
 
-        ih, iw = oh * sh - pt + kh * dh, (ow0 + v * TX) * sw - pl + kw * dw
         bit = tirx.const(1, "int32") << (kh * spec.KW + kw)
-        return tirx.if_then_else(tirx.all(ih >= 0, ih < spec.H, iw >= 0, iw < spec.W), bit, tirx.const(0, "int32"))
+        return tirx.if_then_else(in_image(oh, ow0, v, kh * dh, kw * dw), bit, tirx.const(0, "int32"))
 
     def tap_value(x, masks, ng, i, oh, ow0, v, off):
         """The input a thread's accumulator (i, v) multiplies by the nonzero at (stretched) offset ``off``."""
@@ -276,9 +286,7 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
         if masked:
             inside = ((masks[v] >> ((off >> TAP_SHIFT) & (MASK_TAPS - 1))) & 1) != 0
         else:
-            ih = oh * sh - pt + ((off >> TAP_SHIFT) & 15)
-            iw = (ow0 + v * TX) * sw - pl + ((off >> (TAP_SHIFT + 4)) & 15)
-            inside = tirx.all(ih >= 0, ih < spec.H, iw >= 0, iw < spec.W)
+            inside = in_image(oh, ow0, v, (off >> TAP_SHIFT) & 15, (off >> (TAP_SHIFT + 4)) & 15)
         at = (off & ((1 << TAP_SHIFT) - 1)) + (oh * sh - pt) * wp + (ow0 + v * TX) * sw - pl
         return tirx.if_then_else(inside, x[n, at], tirx.const(0.0, "float32"))
 
@@ -311,7 +319,7 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                     s_off = T.alloc_buffer((CH,), "int32", scope="shared")
                                     s_val = T.alloc_buffer((CH,), "float32", scope="shared")
                                     if KS > 1:
-                                        s_part = T.alloc_buffer(((KS - 1) * A * NT0,), "float32", scope="shared")
+                                        s_part = T.alloc_buffer((k.partial_sum_floats(),), "float32", scope="shared")
                                     acc = T.alloc_buffer((A,), "float32", scope="local")
                                     masks = T.alloc_buffer((VW,), "int32", scope="local")
                                     lid = (tz * TY + ty) * TX + tx

@@ -2238,7 +2238,8 @@ def main(argv=None) -> int:
     p.add_argument("--bench-dir", default=str(DEFAULT_BENCH_DIR))
     p.add_argument("--layers", help="comma-separated layer names (default: all 16)")
     p.add_argument("--batches", help="comma-separated batch sizes (default: 1,32)")
-    p.add_argument("--variants", default="default", help="default | all | N (default + N-1 alternatives) | a list of changes, e.g. "
+    p.add_argument("--variants", default="default",
+                   help="default | all | N (default + N-1 alternatives) | a list of knob changes, e.g. "
                         "default,nonzero_split=2,nonzero_split=2+unroll=8")
     p.add_argument("--no-sweep", action="store_true", help="leave out the sparsity sweep")
     p.add_argument("--quick", action="store_true", help=f"one small case: {QUICK_LAYER}, batch 1")

@@ -253,16 +253,17 @@ def _modules(mod):
 def _variants(rule, spec, weight, n):
     """The default knobs, its padding flipped on or off chip, the nonzeros split 4 ways and unrolled over
     small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks; a padded
-    conv's padding on chip by tap mask), then
-    seeded random settings up to n (small chunks included, to hit the multi-chunk path)."""
+    conv's padding on chip by tap mask), then seeded random settings up to n (small chunks included, to hit
+    the multi-chunk path)."""
     from schedules import CUDAKnobs
+    from schedules.cuda import MASK_TAPS
 
     out = [rule.default_knobs(spec, weight)]
     if n > 1 and any(spec.pad):  # the padded conv with its padding on chip (predicated loads)
         out.append(out[0].with_(pad_on_chip=not out[0].pad_on_chip, tap_mask=False))  # (the compares, if on chip)
     if n > len(out):
         split = out[0].with_(nonzero_split=4, unroll=8, chunk=256, channels_per_block=4)
-        if any(spec.pad) and spec.KH * spec.KW <= 32:  # ... and the padding on chip by a mask of kernel positions
+        if any(spec.pad) and spec.KH * spec.KW <= MASK_TAPS:  # ... and the padding on chip by tap mask
             split = split.with_(pad_on_chip=True, tap_mask=True)
         while split.threads_x * split.threads_y * split.nonzero_split > 1024:
             split = split.with_(threads_y=split.threads_y // 2)
