@@ -29,7 +29,7 @@ from escort_tvm.compute import Epilogue
 from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
-from . import ptx_taps, work_queue
+from . import ptx_taps, split_blocks, work_queue
 from .base import LARGE_BATCH, KernelPlan, Knobs, SparseConvRule
 from .unrolled import ChannelGroup, unrolled_program
 
@@ -152,6 +152,11 @@ class SpecializedKnobs(Knobs):
     # for a kernel that reads each input element once (one group of a 1x1 row), so the stream neither waits on nor
     # displaces cached lines.
     evict_first: bool = False
+    # Blocks the input channels are cut into within one launch (schedules.split_blocks): each block of a work item
+    # runs 1/block_split of its group's code on its own run of channel chunks, leaves its partial sums in a global
+    # workspace, and the last of them to finish adds them up and applies the epilogue. At batch 1 this lets a block
+    # hold a whole image (every warp of the SM then runs the code it fetches) while the grid still fills the GPU.
+    block_split: int = 1
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32, 64),
         "threads_x": (8, 16, 32, 64, 128),
@@ -171,6 +176,7 @@ class SpecializedKnobs(Knobs):
         "image_tile": (False, True),
         "pixels_per_thread": (1, 2, 4),
         "evict_first": (False, True),
+        "block_split": (1, 2, 4, 8),
     }
 
     def validate(self) -> None:
@@ -199,6 +205,9 @@ class SpecializedKnobs(Knobs):
         if self.pixels_per_thread > 1 and not self.span_images:
             raise ValueError("pixels_per_thread > 1 needs span_images (the row layout: unstaged, threads along a row "
                              "of pixels)")
+        if self.block_split > 1 and (self.sm_affine or self.tiles_per_block > 1):
+            raise ValueError("block_split > 1 needs sm_affine=False and tiles_per_block == 1 (a work item's blocks are "
+                             "found by their grid index; each stores its partial sums once)")
         if self.image_tile and (self.rows_per_thread > 1 or self.tiles_per_block > 1):
             raise ValueError("image_tile needs rows_per_thread == tiles_per_block == 1 (one thread per pixel of "
                              "one image)")
@@ -320,7 +329,7 @@ def reduces_in_rounds(spec: ConvSpec, k: SpecializedKnobs) -> bool:
     4 ways (96 KB), or sm_affine's one int beside a 32-channel 4-way split (48 KB + 4 bytes)."""
     if k.channel_split <= 2:  # one share either way
         return False
-    one_round = _staging_floats(spec, k, False) + parked_floats(spec, k) + int(k.sm_affine)
+    one_round = _staging_floats(spec, k, False) + parked_floats(spec, k) + int(k.sm_affine) + int(k.block_split > 1)
     return one_round * 4 > SHARED_LIMIT
 
 
@@ -338,7 +347,7 @@ def parked_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
 
 def shared_floats(spec: ConvSpec, k: SpecializedKnobs) -> int:
     """Shared memory of a block, in floats (and sm_affine's one int: the work item the block took)."""
-    return staging_floats(spec, k) + parked_floats(spec, k) + int(k.sm_affine)
+    return staging_floats(spec, k) + parked_floats(spec, k) + int(k.sm_affine) + int(k.block_split > 1)
 
 
 def check_shape(spec: ConvSpec, k: SpecializedKnobs) -> None:
@@ -639,15 +648,19 @@ class SpecializedCUDA(SparseConvRule):
         knobs.validate()
         check_shape(spec, knobs)
         chunks = -(-spec.Cg // min(knobs.channel_chunk, spec.C))
-        if knobs.input_parts > chunks:
-            raise ValueError(f"input_parts={knobs.input_parts} exceeds the {chunks} channel chunks of a conv group "
-                             f"({spec.Cg} input channels, channel_chunk={knobs.channel_chunk})")
+        if knobs.input_parts * knobs.block_split > chunks:
+            raise ValueError(f"input_parts*block_split={knobs.input_parts * knobs.block_split} exceeds the {chunks} "
+                             f"channel chunks of a conv group ({spec.Cg} input channels, "
+                             f"channel_chunk={knobs.channel_chunk})")
         groups = unrolled_program(weight, knobs.channels_per_thread)
         # pad_input: the kernel computes the unpadded conv of the padded input x_pad[N, C*Hp*Wp] (the graph pads)
         kspec = dataclasses.replace(spec, H=spec.Hp, W=spec.Wp, pad=(0, 0, 0, 0)) if knobs.pad_input else spec
         func = specialized_cuda_kernel(kspec, groups, epilogue, knobs, self.kernel_nonzeros, self.fill_warps)
-        work = next((p for p in func.params if p.name == "work"), None)
-        arrays = (np.zeros(int(work.ty.shape[0]), np.int32),) if work is not None else ()
+        params = {p.name: p for p in func.params}
+        size = lambda name: int(params[name].ty.shape[0])  # noqa: E731
+        arrays = (np.zeros(size("work"), np.int32),) if "work" in params else ()
+        if knobs.block_split > 1:  # arrival counts (kept zero between runs) and the partial sums' workspace
+            arrays += (np.zeros(size("arrivals"), np.int32), np.zeros(size("partials"), np.float32))
         if uses_zero_page(kspec, knobs):  # the zero page: read where a tap falls in the padding
             arrays += (np.zeros(spec.C * spec.H * spec.W, np.float32),)
         return KernelPlan(func, kspec.H, kspec.W, arrays, self.name, knobs, spec, padded_input=knobs.pad_input)
@@ -782,18 +795,25 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
     zero_page = uses_zero_page(spec, k)
 
-    def emit_part(xf, bias, rf, yf, part: list[ChannelGroup], piece: int, work=None, work_at: int = 0, zf=None):
+    def emit_part(xf, bias, rf, yf, part: list[ChannelGroup], piece: int, work=None, work_at: int = 0, zf=None,
+                  arrivals=None, arrive_at: int = 0, partials=None):
         """One kernel: blockIdx.z picks a group of ``part``; threadIdx.z a slice of its chunk loop. It covers
-        input piece ``piece`` of ``k.input_parts`` (a contiguous run of each conv group's channel chunks)."""
+        input piece ``piece`` of ``k.input_parts`` (a contiguous run of each conv group's channel chunks).
+        With block_split S, blockIdx.z = group * S + s, and block s takes run s of the piece's chunks."""
         KG = max(g.size for g in part)
         first_piece, last_piece = piece == 0, piece == k.input_parts - 1
+        S = k.block_split
+        whole = part  # the groups; below, ``part`` lists each S times (one entry per input run)
+        part = [g for g in whole for _ in range(S)]
 
-        def chunk_range_of(g: ChannelGroup) -> tuple[int, int]:
-            """The group's chunks in this piece: its conv group's input channels, cut into input_parts runs."""
+        def chunk_range_of(g: ChannelGroup, run: int) -> tuple[int, int]:
+            """The group's chunks in this piece's run ``run``: its conv group's input channels, cut into
+            input_parts runs, each cut into block_split runs."""
             lo, hi = (g.first // Kg) * Cg // CC, -(-((g.first // Kg) + 1) * Cg // CC)
-            return lo + (hi - lo) * piece // k.input_parts, lo + (hi - lo) * (piece + 1) // k.input_parts
+            lo, hi = lo + (hi - lo) * piece // k.input_parts, lo + (hi - lo) * (piece + 1) // k.input_parts
+            return lo + (hi - lo) * run // S, lo + (hi - lo) * (run + 1) // S
 
-        chunk_range = [chunk_range_of(g) for g in part]
+        chunk_range = [chunk_range_of(g, gi % S) for gi, g in enumerate(part)]
 
         def taps_of(gi: int) -> tuple:
             lo, hi = chunk_range[gi]
@@ -1077,22 +1097,31 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     v = v + sm[partial(r_, a_i)]
                 return v
 
-            def store_one(g, j, q, t):
+            NKO = N * K * OH * OW
+
+            def store_one(g, j, q, t, run):
+                """Accumulator (j, q) of tile ``t`` to y; with block_split, ``run`` >= 0 leaves it in the workspace
+                slot of this block's input run, and ``run`` None finishes it from all slots."""
                 kk = g.first + j
                 oh_t, ow_t = pixel(t)
                 qy, qx = step(q)
                 n_t = image(t)[0]
                 o = (n_t * K + kk) * (OH * OW) + (ow_t + qx if geo.flat else (oh_t + qy) * OW + ow_t + qx)
+                if S > 1 and run is not None:
+                    T.buffer_store(partials, total(j * PT + q), [run * NKO + o])
+                    return
+                v = total(j * PT + q) if S == 1 else split_blocks.load_partial(T.address_of(partials[o]))
+                for r_ in range(1, S):  # the runs' sums in a fixed order (the same result whichever block ends last)
+                    v = v + split_blocks.load_partial(T.address_of(partials[r_ * NKO + o]))
                 # the first piece starts from the bias, later ones from the sum the pieces before left in y
-                v = total(j * PT + q) + (bias[kk] if first_piece else yf[o])
+                v = v + (bias[kk] if first_piece else yf[o])
                 if residual and last_piece:
                     v = v + rf[o]
                 if epilogue.relu and last_piece:
                     v = T.max(v, f32(0.0))
                 T.buffer_store(yf, v, [o])
 
-            def store(gi, t):
-                g = part[gi]
+            def store(g, t, run=None):
                 oh_t, ow_t = pixel(t)
                 stored = image(t)[1]
                 if geo.linear:
@@ -1104,18 +1133,38 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                         with T.Then():
                             for j in range(g.size):
                                 if KS == 1:
-                                    store_one(g, j, q, t)
+                                    store_one(g, j, q, t, run)
                                     continue
                                 with T.If(sz == j % KS):
                                     with T.Then():
-                                        store_one(g, j, q, t)
+                                        store_one(g, j, q, t, run)
 
+            runs = S > 1
             if TB == 1:
-                _tree(T, grp, list(range(len(part))), lambda gi: store(gi, i32(0)), exact=False)
+                _tree(T, grp, list(range(len(part))), lambda gi: store(part[gi], i32(0), gi % S if runs else None),
+                      exact=False)
             else:
                 with T.serial(0, TB) as t:
                     park(t, store=False)
-                    _tree(T, grp, list(range(len(part))), lambda gi: store(gi, t), exact=False)
+                    _tree(T, grp, list(range(len(part))), lambda gi: store(part[gi], t), exact=False)
+            if runs:  # count this block in; the work item's last block adds the runs' sums and stores y
+                split_blocks.emit_fence(T)
+                T.evaluate(T.tvm_storage_sync("shared"))
+                arrived = T.alloc_buffer((1,), "int32", scope="shared")
+                counter = arrive_at + (grp // S) * items + img * geo.tiles + tile
+                with T.If(lead):
+                    with T.Then():
+                        split_blocks.emit_arrive(T, T.address_of(arrivals[counter]), arrived[0])
+                T.evaluate(T.tvm_storage_sync("shared"))
+                before = T.alloc_buffer((1,), "int32", scope="local")  # (a shared load may not sit in a condition)
+                T.buffer_store(before, arrived[0], [i32(0)])
+                with T.If(before[0] == S - 1):
+                    with T.Then():
+                        split_blocks.emit_fence(T)
+                        _tree(T, grp // S, list(range(len(whole))), lambda gi: store(whole[gi], i32(0)), exact=False)
+                        with T.If(lead):
+                            with T.Then():
+                                T.buffer_store(arrivals, i32(0), [counter])
             if k.sm_affine:  # every block took its item before this: the last one zeroes the counters
                 with T.If(lead):
                     with T.Then():
@@ -1132,6 +1181,11 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             if k.sm_affine:  # each launch's work counters, one after the other
                 at = np.cumsum([0] + [work_queue.counters(len(part)) for part, _ in launches])
                 work = T.arg("work", T.buffer((int(at[-1]),), "int32"))
+            if k.block_split > 1:  # each launch's arrival counters (one per work item), and one shared workspace
+                items = _Geometry.of(spec, k).blocks_per_group(N, k.images_per_block)
+                arrive_at = np.cumsum([0] + [len(part) * items for part, _ in launches])
+                arrivals = T.arg("arrivals", T.buffer((int(arrive_at[-1]),), "int32"))
+                partials = T.arg("partials", T.buffer((k.block_split * N * K * OH * OW,), "float32"))
             zeros = T.arg("zeros", T.buffer((C * H * W,), "float32")) if zero_page else None
             bias = T.arg("bias", T.buffer((K,), "float32"))
             res = T.arg("residual", T.buffer((N, K, OH, OW), "float32")) if residual else None
@@ -1142,6 +1196,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             for li, (part, piece) in enumerate(launches):  # each input piece adds to the one before
                 if k.sm_affine:
                     emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece, work, int(at[li]), zf=zeros)
+                elif k.block_split > 1:
+                    emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece, zf=zeros, arrivals=arrivals,
+                              arrive_at=int(arrive_at[li]), partials=partials)
                 else:
                     emit_part(xf, bias, rf, yf, [groups[gi] for gi in part], piece, zf=zeros)
     return ib.get()

@@ -446,8 +446,8 @@ GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*
 
 
 def specialized_variants(default, names: str, layouts: dict | None = None) -> list[dict]:
-    """``[{name, knobs, reason}]``: the default knobs, then each named change of them (one SPEC_CHANGES entry,
-    or several joined by '+', applied in turn); a change that leaves the knob space or repeats an earlier
+    """``[{name, knobs, reason}]``: the default knobs, then each named change of them (one SPEC_CHANGES entry or
+    ``knob=value``, or several joined by '+', applied in turn); a change that leaves the knob space or repeats an earlier
     setting gets ``knobs=None`` and the reason. A name may start from one of ``layouts`` (name -> knobs: another
     whole layout the rule derives, e.g. ``span`` = ``SpecializedCUDA.span_knobs``) instead of the default."""
     out, seen = [], {}
@@ -458,6 +458,15 @@ def specialized_variants(default, names: str, layouts: dict | None = None) -> li
         if steps and steps[0] in layouts:
             knobs, steps = layouts[steps[0]], steps[1:]
         for step in steps:
+            if "=" in step:  # knob=value sets a knob outright
+                field, _, text = step.partition("=")
+                cands = type(default).SPACE.get(field)
+                value = next((c for c in cands or () if str(c) == text), None)
+                if value is None:
+                    raise ValueError(f"specialised variant step {step!r}: not knob=value with a knob of "
+                                     f"{type(default).__name__} and one of its values")
+                knobs = knobs.with_(**{field: value})
+                continue
             if step not in SPEC_CHANGES:
                 raise ValueError(f"unknown specialised variant {step!r}; known: default, {', '.join(SPEC_CHANGES)}"
                                  + (f"; layouts (first step only): {', '.join(layouts)}" if layouts else ""))

@@ -81,6 +81,10 @@ SPEC_CASES = [
     ("batch32_wide_1x1", 32, 48, 7, 7, 80, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, True, False),
     # a deep 7x7 input at batch 16: the default splits the row layout 4 ways and takes 256-thread rows
     ("batch16_deep_7x7", 16, 128, 7, 7, 80, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.95, True, True),
+    # batch 1, deep and small: block_split cuts the input channels over the blocks of a work item (the last block
+    # to finish adds the partial sums); with whole-image blocks, split slices, input parts, the row layout, 1x1
+    ("batch1_block_split", 1, 64, 14, 14, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.9, True, True),
+    ("batch2_1x1_block_split", 2, 64, 7, 9, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.9, True, True),
 ]
 # Cases built with a small kernel_nonzeros, so one layer runs as several kernels launched in turn.
 SPEC_SPLIT = {"split_kernels": 200}
@@ -118,10 +122,18 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 # the taps' global loads marked evict-first (unstaged; refused where a padded conv has no PTX taps)
                 ("evict_first", "evict_first", lambda v: True, {"stage_input": False}),
                 ("evict_first_staged", "evict_first", lambda v: True, {"stage_input": True, "span_images": False,
-                                                                        "pixels_per_thread": 1, "pad_input": False}))
+                                                                        "pixels_per_thread": 1, "pad_input": False}),
+                # block_split: each work item's blocks take runs of the input chunks; the last adds the partial sums
+                ("block_split_2", "block_split", lambda v: 2),
+                ("block_split_4_image_tile", "block_split", lambda v: 4,
+                 {"image_tile": True, "channel_split": 1, "channel_chunk": 4, "channels_per_thread": 4}),
+                ("block_split_2_split_2", "block_split", lambda v: 2, {"channel_split": 2, "channel_chunk": 4}),
+                ("block_split_2_ip_2", "block_split", lambda v: 2, {"input_parts": 2, "channel_chunk": 4}),
+                ("block_split_8_direct", "block_split", lambda v: 8, {"stage_input": False, "channel_chunk": 4}))
 SPEC_BASIC_CHANGES = 6
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels",
-                   "batch16_13x13", "batch16_wide_3x3", "batch32_wide_1x1")
+                   "batch16_13x13", "batch16_wide_3x3", "batch32_wide_1x1", "batch1_block_split",
+                   "batch2_1x1_block_split")
 
 
 def _spec_weight(rng, spec, kind):
@@ -223,7 +235,9 @@ def prepare_specialized(d: Path, rng) -> list[dict]:
             # sm_affine's work counters (int32) and the zero page of an unstaged padded conv (float32), all zero
             assert all(str(a.dtype) in ("int32", "float32") and not a.any() for a in plan.weight_arrays), (name, vname)
             funcs[sym] = plan.func.with_attr("global_symbol", sym)
-            kernels.append(dict(entry, zeros=[[int(a.shape[0]), str(a.dtype)] for a in plan.weight_arrays],
+            names = [str(prm.name) for prm in plan.func.params[1:1 + len(plan.weight_arrays)]]
+            kernels.append(dict(entry, zeros=[[int(a.shape[0]), str(a.dtype), nm]
+                                              for a, nm in zip(plan.weight_arrays, names)],
                                 padded_input=plan.padded_input, hp=plan.hp, wp=plan.wp))
         t0 = time.time()
         with target:
@@ -419,7 +433,8 @@ def run(d: Path, out: Path | None) -> int:
             if k["so"] not in libs:
                 libs[k["so"]] = tvm.runtime.load_module(str(d / k["so"]))
             case = np.load(d / k["data"])
-            work = [np.zeros(n, dt) for n, dt in k.get("zeros", [])]  # sm_affine's counters, the zero page
+            # sm_affine's counters, block_split's arrival counters and partial sums, the zero page
+            work = [np.zeros(n, dt) for n, dt, *_ in k.get("zeros", [])]
             x = case["x"]
             if k.get("padded_input"):  # pad_input: the kernel reads x_pad[N, C*Hp*Wp], as the graph pass pads it
                 x = padded_input(x, ConvSpec.from_dict(k["spec"]), k["hp"], k["wp"])
@@ -434,8 +449,9 @@ def run(d: Path, out: Path | None) -> int:
                 e = max(e, rel(yn, ref) if np.abs(ref).max() > 0 else float(np.abs(yn - ref).max()))
                 bad += int((~np.isfinite(yn)).sum())
                 good &= bool(np.isfinite(yn).all() and e < 1e-4)
-            if work:  # the counters back at zero, the zero page still zero (a read-only page)
-                good &= all(not a.numpy().any() for a in args[1:1 + len(work)])
+            if work:  # the counters back at zero, the zero page still zero (a read-only page); not the workspace
+                kept = [a for a, (*_, nm) in zip(args[1:1 + len(work)], k["zeros"]) if nm != "partials"]
+                good &= all(not a.numpy().any() for a in kept)
             rec.update(rel_err=e, nonfinite=bad, ok=good)
         except Exception as ex:  # a launch failure is a failed check, not the end of the run
             good = False

@@ -212,6 +212,12 @@ def test_specialized_variants_are_one_knob_changes():
     assert [v["name"] for v in vs] == ["default", "cpt_x2", "cpt_half", "stage_flip", "chunk_half"]
     assert vs[0]["knobs"] == d and vs[1]["knobs"] is None and "outside" in vs[1]["reason"]  # 128 is not in SPACE
     assert vs[2]["knobs"] == d.with_(channels_per_thread=32) and vs[3]["knobs"] == d.with_(stage_input=False)
+    # knob=value steps set a knob outright, after or instead of named changes
+    vs = bench.specialized_variants(d, "default,block_split=4+image_tile=True,cpt_half+block_split=2")
+    assert vs[1]["knobs"] == d.with_(block_split=4, image_tile=True)
+    assert vs[2]["knobs"] == d.with_(channels_per_thread=32, block_split=2)
+    with pytest.raises(ValueError, match="not knob=value"):
+        bench.specialized_variants(d, "default,block_split=3")
     with pytest.raises(ValueError, match="unknown"):
         bench.specialized_variants(d, "default,bogus")
     with pytest.raises(ValueError, match="start with 'default'"):

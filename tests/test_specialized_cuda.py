@@ -62,6 +62,10 @@ SIGNATURE_CASES = [
      Epilogue(relu=True, residual=True), ("span", {"pixels_per_thread": 2, "pad_input": True})),
     ("1x1_span_px4_evict_b3", ConvSpec(N=3, C=16, H=6, W=6, K=8, KH=1, KW=1), 0.7,
      Epilogue(relu=True), {"pixels_per_thread": 4, "evict_first": True}),
+    # block_split: a whole-image block per (group, run of input chunks); partial sums through the workspace
+    ("3x3_block_split_image_tile", ConvSpec(N=1, C=32, H=9, W=10, K=8, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
+     Epilogue(relu=True, residual=True), {"image_tile": True, "block_split": 4, "channel_chunk": 4,
+                                          "channels_per_thread": 4, "channel_split": 1}),
 ]
 
 
@@ -108,9 +112,10 @@ def test_specialized_device_code_reads_no_index_array(cuda_target, rng, tmp_path
     assert x_shape == ([spec.N, spec.C * spec.Hp * spec.Wp] if knobs.pad_input else list(spec.input_shape))
     zero_page = uses_zero_page(spec, knobs)
     assert zero_page == (not knobs.stage_input and any(spec.pad) and not knobs.pad_input and spec.KH * spec.KW <= 25)
-    assert len(plan.weight_arrays) == int(knobs.sm_affine) + int(zero_page)
-    want = ["x"] + (["work"] if knobs.sm_affine else []) + (["zeros"] if zero_page else []) + ["bias"] + \
-        (["residual"] if epilogue.residual else []) + ["y"]
+    split = knobs.block_split > 1
+    assert len(plan.weight_arrays) == int(knobs.sm_affine) + int(zero_page) + 2 * int(split)
+    want = ["x"] + (["work"] if knobs.sm_affine else []) + (["arrivals", "partials"] if split else []) + \
+        (["zeros"] if zero_page else []) + ["bias"] + (["residual"] if epilogue.residual else []) + ["y"]
     assert [p.name for p in plan.func.params] == want
     sym = f"spec_{name}"
     with cuda_target:
@@ -120,15 +125,26 @@ def test_specialized_device_code_reads_no_index_array(cuda_target, rng, tmp_path
     assert kernel in re.findall(GLOBAL_FN, source)
     params = _entry_params(source, kernel)
     assert len(params) == len(want), params
-    floats = [p for p in params if p != "int* __restrict__ work_ptr"]
-    assert len(floats) == len(want) - int(knobs.sm_affine), params
+    counters = ("int* __restrict__ work_ptr", "int* __restrict__ arrivals_ptr")
+    floats = [p for p in params if p not in counters]
+    assert len(floats) == len(want) - int(knobs.sm_affine) - int(split), params
     assert all(re.fullmatch(r"float\*\s+__restrict__\s+\w+", p) for p in floats), params
-    body = re.sub(r"int\* __restrict__ work_ptr", "", source)
+    body = re.sub(r"int\* __restrict__ (?:work|arrivals)_ptr", "", source)
     assert not re.search(r"\b(?:u?int(?:8|16|32|64)?_t|int|unsigned|long)\s*\*", body), \
         "the device code declares an integer pointer"
     # the counters are only taken (atomicAdd) and reset inside the work-queue macros, never indexed by the FMAs
     uses = [ln.strip() for ln in source.splitlines() if "work_ptr" in ln and "__global__" not in ln]
     assert all(re.match(r"escort_(?:take|finish)_\d+_\d+\(", u) for u in uses), uses
+    # block_split's arrival counters: counted in (atomicAdd) and reset by the last block; its workspace: partial sums
+    # stored, and read back (through L2) only by the last block's sums
+    uses = [ln.strip() for ln in source.splitlines() if "arrivals_ptr" in ln and "__global__" not in ln]
+    assert all(re.match(r"escort_arrive\(\(&\(arrivals_ptr\[.*\]\)\), \w+\[0\]\);$|arrivals_ptr\[.*\] = 0;$", u)
+               for u in uses), uses
+    assert bool(uses) == split
+    uses = [ln.strip() for ln in source.splitlines() if "partials_ptr" in ln and "__global__" not in ln]
+    reads = re.findall(r"escort_load_partial\(\(&\(partials_ptr\[", source)
+    assert all(u.startswith("partials_ptr[") or "escort_load_partial((&(partials_ptr[" in u for u in uses), uses[:3]
+    assert (len(reads) == knobs.block_split * spec.K) if split else not uses
     # the zero page is only ever the fallback address of a tap block (read where a position is in the padding)
     uses = [ln.strip() for ln in source.splitlines() if "zeros" in ln and "__global__" not in ln]
     assert all(re.match(r"escort_taps_\w+\(.*\(&\(zeros_ptr\[0\]\)\)\);$", u) for u in uses), uses[:3]
