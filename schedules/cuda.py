@@ -25,6 +25,7 @@ from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
 from .base import LARGE_BATCH, KernelPlan, Knobs, SparseConvRule, csr_arrays
+from .ptx_taps import l2_prefetch
 
 
 STATIC_SHARED_BYTES = 48 * 1024  # a kernel's static __shared__ limit
@@ -42,6 +43,11 @@ class CUDAKnobs(Knobs):
     tap_mask: bool = False  # pad_on_chip: one bit test of a per-pixel mask of in-image kernel positions per load
     nonzero_split: int = 1  # threadIdx.z slices sharing a channel's nonzeros (partial sums through shared memory)
     unroll: int = 1  # nonzeros a thread loads before their FMAs (1: the plain loop, which nvcc unrolls 4x)
+    # Every thread first asks L2 for one 128-byte line of the input and of the CSR arrays (the grid covers them
+    # all): their trips from HBM (cold after the bench's L2 flush, or a previous layer's traffic) then overlap
+    # the row-pointer load, where otherwise the row pointers, the staged nonzeros and the first gathers each
+    # wait for HBM in turn.
+    prefetch_l2: bool = False
     SPACE: ClassVar = {
         "threads_x": (8, 16, 32),
         "threads_y": (1, 2, 4, 8, 16),
@@ -53,6 +59,7 @@ class CUDAKnobs(Knobs):
         "tap_mask": (False, True),
         "nonzero_split": (1, 2, 4, 8),
         "unroll": (1, 8, 16),
+        "prefetch_l2": (False, True),
     }
 
     def validate(self) -> None:
@@ -259,6 +266,8 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
     masked = predicated and k.tap_mask
     pt, pl = spec.pad[0], spec.pad[1]
     (dh, dw) = spec.dilation
+    GRID = NG * KG * TILES * NT  # threads of the grid
+    LINES_X, LINES_W = -(-NP * CHW // 32), -(-nnz // 32)  # 128-byte lines of the input and of each CSR array
 
     def in_image(oh, ow0, v, dy, dx):
         """Whether pixel v of the thread reads inside the image at (dy, dx) = (kh * dh, kw * dw) from its corner."""
@@ -323,6 +332,16 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                     acc = T.alloc_buffer((A,), "float32", scope="local")
                                     masks = T.alloc_buffer((VW,), "int32", scope="local")
                                     lid = (tz * TY + ty) * TX + tx
+                                    if k.prefetch_l2:  # line gid (and every GRID-th after it) of each array
+                                        gid = ((ng * KG + kg) * TILES + tile) * NT + lid
+                                        for r in T.unroll(-(-LINES_X // GRID)):
+                                            if gid + r * GRID < LINES_X:
+                                                T.evaluate(l2_prefetch(T.address_of(
+                                                    x[(gid + r * GRID) * 32 // CHW, (gid + r * GRID) * 32 % CHW])))
+                                        for r in T.unroll(-(-LINES_W // GRID)):
+                                            if gid + r * GRID < LINES_W:
+                                                T.evaluate(l2_prefetch(T.address_of(offset[(gid + r * GRID) * 32])))
+                                                T.evaluate(l2_prefetch(T.address_of(value[(gid + r * GRID) * 32])))
                                     oh = (tile // COLS) * TY + ty
                                     ow0 = (tile % COLS) * (TX * VW) + tx
                                     if masked:

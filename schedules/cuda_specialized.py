@@ -157,6 +157,9 @@ class SpecializedKnobs(Knobs):
     # workspace, and the last of them to finish adds them up and applies the epilogue. At batch 1 this lets a block
     # hold a whole image (every warp of the SM then runs the code it fetches) while the grid still fills the GPU.
     block_split: int = 1
+    # Every thread first asks L2 for one 128-byte line of the input (the grid covers all of it), so the chunk
+    # loads and taps that follow find it there instead of each waiting for HBM when first touched.
+    prefetch_l2: bool = False
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32, 64),
         "threads_x": (8, 16, 32, 64, 128),
@@ -177,6 +180,7 @@ class SpecializedKnobs(Knobs):
         "pixels_per_thread": (1, 2, 4),
         "evict_first": (False, True),
         "block_split": (1, 2, 4, 8),
+        "prefetch_l2": (False, True),
     }
 
     def validate(self) -> None:
@@ -835,6 +839,17 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
             for var, extent in blocks + ([(tz, KS * IB)] if KS * IB > 1 else []) + [(ty, TY), (tx, TX)]:
                 launch.enter_context(T.launch_thread(var, extent))
             lead = tvm.tirx.all(ty == 0, tx == 0, *([tz == 0] if KS * IB > 1 else []))
+            if k.prefetch_l2:  # line gid of the input, and every grid-th after it
+                block, n_blocks = blocks[0]
+                for var, extent in blocks[1:]:
+                    block, n_blocks = block * extent + var, n_blocks * extent
+                grid = n_blocks * NT * KS * IB
+                gid = (block * (KS * IB) + (tz if KS * IB > 1 else 0)) * NT + ty * TX + tx
+                lines = -(-N * C * H * W // 32)
+                for r_ in range(-(-lines // grid)):
+                    with T.If(gid + r_ * grid < lines):
+                        with T.Then():
+                            T.evaluate(ptx_taps.l2_prefetch(T.address_of(xf[(gid + r_ * grid) * 32])))
             if k.sm_affine:
                 took = T.alloc_buffer((1,), "int32", scope="shared")
                 with T.If(lead):

@@ -134,3 +134,13 @@ def emit_park(T, acc, base_ptr, stride: int, store: bool) -> None:
 
     name, source = render_park(len(acc), stride, store)
     T.evaluate(cuda_func_call(name, *[a[0] for a in acc], base_ptr, source_code=source))
+
+
+L2_PREFETCH = '#define escort_prefetch_l2(p) asm volatile("prefetch.global.L2 [%0];" :: "l"(p))\n'
+
+
+def l2_prefetch(ptr):
+    """``prefetch.global.L2`` of the line at ``ptr``: the line comes from HBM into L2 while the thread goes on."""
+    from tvm.backend.cuda.op import cuda_func_call
+
+    return cuda_func_call("escort_prefetch_l2", ptr, source_code=L2_PREFETCH)

@@ -269,3 +269,22 @@ def test_cuda_builds_compress_the_fatbin_for_size(cuda_target, rng):
         default = nvcc.compile_cuda(source, target_format="fatbin", compiler="nvcc")  # TVM's own callback's
     # nvcc's default mode leaves a small fatbin as it is (59856 bytes here, as with --compress-mode=none): 12120
     assert bytes(ours[:8]) == cuda_toolchain.FATBIN_MAGIC and len(ours) < 0.5 * len(default), (len(ours), len(default))
+
+
+@pytest.mark.parametrize("rule", ["csr", "specialized"])
+def test_prefetch_l2_covers_the_input_and_csr_arrays_once(cuda_target, rng, rule):
+    """prefetch_l2: the grid's threads ask L2 for every 128-byte line of the input (and of the CSR offsets and
+    values), each line once: one guarded prefetch per thread and array, lines numbered by the thread's global id."""
+    spec = ConvSpec(N=1, C=16, H=9, W=9, K=16, KH=3, KW=3, pad=(1, 1, 1, 1))
+    sw = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.8))
+    r = SparseConvCUDA() if rule == "csr" else SpecializedCUDA()
+    plan = r.apply(spec, sw, Epilogue(), r.default_knobs(spec, sw).with_(prefetch_l2=True))
+    with cuda_target:
+        src = cuda_source(tvm.compile(plan.func, target=cuda_target))
+    calls = re.findall(r"escort_prefetch_l2\(\(&\((\w+)\[", src)
+    assert sorted(calls) == (["offset_ptr", "value_ptr", "x_ptr"] if rule == "csr" else ["_ptr"]), calls
+    input_lines = -(-int(np.prod(plan.func.params[0].ty.shape)) // 32)
+    assert f"< {input_lines})" in src  # the input's lines, each prefetched by the thread of that global id
+    plain = r.apply(spec, sw, Epilogue(), r.default_knobs(spec, sw))
+    with cuda_target:
+        assert "escort_prefetch_l2" not in cuda_source(tvm.compile(plain.func, target=cuda_target))
