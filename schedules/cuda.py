@@ -218,8 +218,13 @@ def _reads_predicated(spec: ConvSpec, k: CUDAKnobs) -> bool:
     return k.pad_on_chip and not _reads_clamped(spec)
 
 
-TAP_SHIFT = 24  # packed offset: bits 0-23 the unpadded offset; 24-27 kh * dh, 28-31 kw * dw (or kh * KW + kw)
+TAP_SHIFT = 24  # packed offset: bits 0-23 the unpadded offset; 24-27 kh * dh, 28-31 kw * dw
 MASK_TAPS = 32  # tap_mask: one bit per kernel position in an int32
+# tap_mask packs offset << MASK_SHIFT | kh * KW + kw: one funnel shift of the pixel's mask by the packed word (the
+# hardware takes its low 5 bits) tests the bit, one shift recovers the offset (SASS: 2 + 1 instructions per
+# nonzero and pixel, where the index in the top byte took 2 + 2)
+MASK_SHIFT = 5
+TAP_BIT = "#define escort_tap_bit(m, o) ((m) & (1 << ((o) & 31)))\n"
 
 
 def _packed_offsets(spec: ConvSpec, weight: SparseConvWeight, offsets, tap_mask: bool = False):
@@ -228,8 +233,9 @@ def _packed_offsets(spec: ConvSpec, weight: SparseConvWeight, offsets, tap_mask:
     import numpy as np
 
     (dh, dw) = spec.dilation
-    if spec.C * spec.H * spec.W >= 1 << TAP_SHIFT:
-        raise ValueError(f"pad_on_chip packs offsets below 2^{TAP_SHIFT}: {spec.describe()} has C*H*W = "
+    limit = 31 - MASK_SHIFT if tap_mask else TAP_SHIFT
+    if spec.C * spec.H * spec.W >= 1 << limit:
+        raise ValueError(f"pad_on_chip packs offsets below 2^{limit}: {spec.describe()} has C*H*W = "
                          f"{spec.C * spec.H * spec.W}")
     if tap_mask and spec.KH * spec.KW > MASK_TAPS:
         raise ValueError(f"tap_mask keeps one bit per kernel position in {MASK_TAPS} bits: {spec.describe()} has "
@@ -239,7 +245,9 @@ def _packed_offsets(spec: ConvSpec, weight: SparseConvWeight, offsets, tap_mask:
     if weight.nnz == 0:
         return offsets
     kh, kw = weight.kh.astype(np.int64), weight.kw.astype(np.int64)
-    tap = (kh * spec.KW + kw) << TAP_SHIFT if tap_mask else (kh * dh << TAP_SHIFT) | (kw * dw << (TAP_SHIFT + 4))
+    if tap_mask:
+        return ((offsets.astype(np.int64) << MASK_SHIFT) | (kh * spec.KW + kw)).astype(np.int32)
+    tap = (kh * dh << TAP_SHIFT) | (kw * dw << (TAP_SHIFT + 4))
     return (offsets.astype(np.int64) | tap).astype(np.uint32).view(np.int32)
 
 
@@ -292,18 +300,37 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
         n = tirx.min(ng * VN + i, N - 1)
         if clamp:
             return x[n, off + tirx.min(oh, OH - 1) * (sh * wp) + tirx.min(ow0 + v * TX, OW - 1) * sw]
-        if masked:
-            inside = ((masks[v] >> ((off >> TAP_SHIFT) & (MASK_TAPS - 1))) & 1) != 0
-        else:
-            inside = in_image(oh, ow0, v, (off >> TAP_SHIFT) & 15, (off >> (TAP_SHIFT + 4)) & 15)
+        inside = in_image(oh, ow0, v, (off >> TAP_SHIFT) & 15, (off >> (TAP_SHIFT + 4)) & 15)
         at = (off & ((1 << TAP_SHIFT) - 1)) + (oh * sh - pt) * wp + (ow0 + v * TX) * sw - pl
         return tirx.if_then_else(inside, x[n, at], tirx.const(0.0, "float32"))
 
+    def tap_bit(mask, off):
+        """tap_mask: 1 where the nonzero's kernel position reads inside the image for this pixel, else 0."""
+        from tvm.backend.cuda.op import cuda_func_call
+
+        return cuda_func_call("escort_tap_bit", mask, off, return_type="int32", source_code=TAP_BIT)
+
+    def masked_tap(x, ng, i, oh, ow0, v, off):
+        """tap_mask: the input at the nonzero's offset (read only where its bit is set)."""
+        from tvm import tirx
+
+        n = tirx.min(ng * VN + i, N - 1)
+        return x[n, (off >> MASK_SHIFT) + (oh * sh - pt) * wp + (ow0 + v * TX) * sw - pl]
+
     @T.macro
-    def fma_nonzero(acc, masks, x, ng, oh, ow0, s_off, s_val, j):
+    def fma_nonzero(acc, masks, x, ng, oh, ow0, s_nz, j, nz):
+        if masked:  # (a shared load may not sit in a condition: the nonzero goes through registers)
+            nz[0] = s_nz[2 * j]
+            nz[1] = s_nz[2 * j + 1]
         for i in T.unroll(VN):
             for v in T.unroll(VW):
-                acc[i * VW + v] = acc[i * VW + v] + s_val[j] * tap_value(x, masks, ng, i, oh, ow0, v, s_off[j])
+                if masked:  # a predicated load and FMA, nothing where the bit is clear
+                    if tap_bit(masks[v], nz[0]) != 0:
+                        acc[i * VW + v] = acc[i * VW + v] + T.reinterpret("float32", nz[1]) * masked_tap(
+                            x, ng, i, oh, ow0, v, nz[0])
+                else:
+                    acc[i * VW + v] = acc[i * VW + v] + T.reinterpret("float32", s_nz[2 * j + 1]) * tap_value(
+                        x, masks, ng, i, oh, ow0, v, s_nz[2 * j])
 
     @T.prim_func(s_tir=True)
     def sparse_conv2d_cuda(x: T.Buffer((NP, CHW), "float32"), row_ptr: T.Buffer((K + 1,), "int32"),
@@ -325,12 +352,13 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                         T.reads(x[0:NP, 0:CHW], row_ptr[0:K + 1], offset[0:nnz], value[0:nnz],
                                                 bias[0:K])
                                     T.writes(y[0:N, 0:K, 0:OH, 0:OW])
-                                    s_off = T.alloc_buffer((CH,), "int32", scope="shared")
-                                    s_val = T.alloc_buffer((CH,), "float32", scope="shared")
+                                    # the staged nonzeros as (offset, value bits) pairs: one 8-byte shared load each
+                                    s_nz = T.alloc_buffer((2 * CH,), "int32", scope="shared")
                                     if KS > 1:
                                         s_part = T.alloc_buffer((k.partial_sum_floats(),), "float32", scope="shared")
                                     acc = T.alloc_buffer((A,), "float32", scope="local")
                                     masks = T.alloc_buffer((VW,), "int32", scope="local")
+                                    nz = T.alloc_buffer((2,), "int32", scope="local")  # a nonzero (offset, value bits)
                                     lid = (tz * TY + ty) * TX + tx
                                     if k.prefetch_l2:  # line gid (and every GRID-th after it) of each array
                                         gid = ((ng * KG + kg) * TILES + tile) * NT + lid
@@ -355,8 +383,9 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                     if end - start <= CH:  # the whole group fits: stage it once
                                         for i in T.serial(LOADS):
                                             if i * NT + lid < end - start:
-                                                s_off[i * NT + lid] = offset[start + i * NT + lid]
-                                                s_val[i * NT + lid] = value[start + i * NT + lid]
+                                                s_nz[2 * (i * NT + lid)] = offset[start + i * NT + lid]
+                                                s_nz[2 * (i * NT + lid) + 1] = T.reinterpret(
+                                                    "int32", value[start + i * NT + lid])
                                         T.tvm_storage_sync("shared")
                                     for kb in T.serial(KB):
                                         for a in T.unroll(A):  # slice 0 starts from the bias, the others from 0
@@ -371,23 +400,24 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
                                                 T.tvm_storage_sync("shared")
                                                 for i in T.serial(LOADS):
                                                     if i * NT + lid < CH and start + c * CH + i * NT + lid < end:
-                                                        s_off[i * NT + lid] = offset[start + c * CH + i * NT + lid]
-                                                        s_val[i * NT + lid] = value[start + c * CH + i * NT + lid]
+                                                        s_nz[2 * (i * NT + lid)] = offset[start + c * CH + i * NT + lid]
+                                                        s_nz[2 * (i * NT + lid) + 1] = T.reinterpret(
+                                                            "int32", value[start + c * CH + i * NT + lid])
                                                 T.tvm_storage_sync("shared")
                                             j0 = T.max(lo - c * CH, 0)
                                             if KS == 1 and U == 1:
                                                 for j in T.serial(j0, T.min(hi - c * CH, CH)):
-                                                    fma_nonzero(acc, masks, x, ng, oh, ow0, s_off, s_val, j)
+                                                    fma_nonzero(acc, masks, x, ng, oh, ow0, s_nz, j, nz)
                                             else:
                                                 # slice tz takes every KS-th nonzero; U loads issue before their FMAs
                                                 cnt = (T.max(T.min(hi - c * CH, CH) - j0, 0) - tz + (KS - 1)) // KS
                                                 for t in T.serial(cnt // U):
                                                     for u in T.unroll(U):
-                                                        fma_nonzero(acc, masks, x, ng, oh, ow0, s_off, s_val,
-                                                                    j0 + tz + KS * (t * U + u))
+                                                        fma_nonzero(acc, masks, x, ng, oh, ow0, s_nz,
+                                                                    j0 + tz + KS * (t * U + u), nz)
                                                 for t in T.serial(cnt % U):
-                                                    fma_nonzero(acc, masks, x, ng, oh, ow0, s_off, s_val,
-                                                                j0 + tz + KS * ((cnt // U) * U + t))
+                                                    fma_nonzero(acc, masks, x, ng, oh, ow0, s_nz,
+                                                                j0 + tz + KS * ((cnt // U) * U + t), nz)
                                         if KS > 1:  # slices 1.. hand their sums to slice 0 through shared memory
                                             T.tvm_storage_sync("shared")
                                             if tz > 0:

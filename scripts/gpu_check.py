@@ -129,7 +129,9 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                  {"image_tile": True, "channel_split": 1, "channel_chunk": 4, "channels_per_thread": 4}),
                 ("block_split_2_split_2", "block_split", lambda v: 2, {"channel_split": 2, "channel_chunk": 4}),
                 ("block_split_2_ip_2", "block_split", lambda v: 2, {"input_parts": 2, "channel_chunk": 4}),
-                ("block_split_8_direct", "block_split", lambda v: 8, {"stage_input": False, "channel_chunk": 4}))
+                ("block_split_8_direct", "block_split", lambda v: 8, {"stage_input": False, "channel_chunk": 4}),
+                # the grid asks L2 for the whole input first
+                ("prefetch_l2", "prefetch_l2", lambda v: True))
 SPEC_BASIC_CHANGES = 6
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels",
                    "batch16_13x13", "batch16_wide_3x3", "batch32_wide_1x1", "batch1_block_split",
@@ -267,7 +269,7 @@ def _modules(mod):
 def _variants(rule, spec, weight, n):
     """The default knobs, its padding flipped on or off chip, the nonzeros split 4 ways and unrolled over
     small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks; a padded
-    conv's padding on chip by tap mask), then seeded random settings up to n (small chunks included, to hit
+    conv's padding on chip by tap mask; the arrays prefetched into L2 first), then seeded random settings up to n (small chunks included, to hit
     the multi-chunk path)."""
     from schedules import CUDAKnobs
     from schedules.cuda import MASK_TAPS
@@ -276,7 +278,7 @@ def _variants(rule, spec, weight, n):
     if n > 1 and any(spec.pad):  # the padded conv with its padding on chip (predicated loads)
         out.append(out[0].with_(pad_on_chip=not out[0].pad_on_chip, tap_mask=False))  # (the compares, if on chip)
     if n > len(out):
-        split = out[0].with_(nonzero_split=4, unroll=8, chunk=256, channels_per_block=4)
+        split = out[0].with_(nonzero_split=4, unroll=8, chunk=256, channels_per_block=4, prefetch_l2=True)
         if any(spec.pad) and spec.KH * spec.KW <= MASK_TAPS:  # ... and the padding on chip by tap mask
             split = split.with_(pad_on_chip=True, tap_mask=True)
         while split.threads_x * split.threads_y * split.nonzero_split > 1024:

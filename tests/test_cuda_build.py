@@ -195,8 +195,9 @@ def test_sparse_cuda_kernel_output_fits_int32(rng):
 
 
 def test_pad_on_chip_offsets_carry_each_nonzero_tap(rng):
-    """The packed offset of pad_on_chip: the plain (C, H, W) offset below bit 24, kh * dh and kw * dw above."""
-    from schedules.cuda import TAP_SHIFT
+    """The packed offset of pad_on_chip: the plain (C, H, W) offset below bit 24, kh * dh and kw * dw above; with
+    tap_mask, the offset shifted up by MASK_SHIFT over the kernel position's index kh * KW + kw."""
+    from schedules.cuda import MASK_SHIFT, TAP_SHIFT
 
     spec = ConvSpec(N=1, C=5, H=9, W=11, K=4, KH=3, KW=5, pad=(1, 2, 1, 2), dilation=(2, 1))
     sw = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.6))
@@ -207,21 +208,22 @@ def test_pad_on_chip_offsets_carry_each_nonzero_tap(rng):
     packed = plan.weight_arrays[1].view(np.uint32).astype(np.int64)
     assert np.array_equal(packed & ((1 << TAP_SHIFT) - 1), sw.stretched_offsets(spec.H, spec.W, spec.dilation))
     assert np.array_equal((packed >> TAP_SHIFT) & 15, sw.kh * 2) and np.array_equal(packed >> (TAP_SHIFT + 4), sw.kw)
-    # tap_mask: the kernel position's index kh * KW + kw above bit 24 instead
-    masked = rule.apply(spec, sw, Epilogue(), compares.with_(tap_mask=True)).weight_arrays[1].view(np.uint32)
-    masked = masked.astype(np.int64)
-    assert np.array_equal(masked & ((1 << TAP_SHIFT) - 1), sw.stretched_offsets(spec.H, spec.W, spec.dilation))
-    assert np.array_equal(masked >> TAP_SHIFT, sw.kh * spec.KW + sw.kw)
+    masked = rule.apply(spec, sw, Epilogue(), compares.with_(tap_mask=True)).weight_arrays[1].astype(np.int64)
+    assert np.array_equal(masked >> MASK_SHIFT, sw.stretched_offsets(spec.H, spec.W, spec.dilation))
+    assert np.array_equal(masked & ((1 << MASK_SHIFT) - 1), sw.kh * spec.KW + sw.kw)
     seven = ConvSpec(N=1, C=3, H=12, W=12, K=4, KH=7, KW=7, pad=(3, 3, 3, 3))
     w7 = SparseConvWeight.from_dense(pruned(rng, seven.weight_shape, 0.5))
     with pytest.raises(ValueError, match="tap_mask keeps one bit per kernel position in 32 bits.*has 49"):
         rule.apply(seven, w7, Epilogue(), compares.with_(tap_mask=True))
     with pytest.raises(ValueError, match="tap_mask is a way of pad_on_chip"):
         compares.with_(pad_on_chip=False, tap_mask=True).validate()
-    big = ConvSpec(N=1, C=1 << 10, H=128, W=128, K=4, KH=3, KW=3, pad=(1, 1, 1, 1))  # C*H*W = 2^24
-    wb = SparseConvWeight.from_dense(np.eye(4, 1 << 10, dtype=np.float32)[:, :, None, None] * np.ones((3, 3), np.float32))
-    with pytest.raises(ValueError, match="pad_on_chip packs offsets"):
-        SparseConvCUDA().apply(big, wb, Epilogue(), SparseConvCUDA().default_knobs(big, wb).with_(pad_on_chip=True))
+    # the offsets' room: below 2^24 with the compares, below 2^26 with the mask (int32, 5 bits of index)
+    for c, tap_mask in ((1 << 10, False), (1 << 12, True)):  # C*H*W = 2^24, 2^26
+        big = ConvSpec(N=1, C=c, H=128, W=128, K=4, KH=3, KW=3, pad=(1, 1, 1, 1))
+        wb = SparseConvWeight.from_dense(np.eye(4, c, dtype=np.float32)[:, :, None, None] * np.ones((3, 3), np.float32))
+        knobs = SparseConvCUDA().default_knobs(big, wb).with_(pad_on_chip=True, tap_mask=tap_mask)
+        with pytest.raises(ValueError, match=f"pad_on_chip packs offsets below 2\\^{26 if tap_mask else 24}"):
+            SparseConvCUDA().apply(big, wb, Epilogue(), knobs)
 
 
 def test_small_batch_defaults_put_more_nonzeros_in_flight(rng):
