@@ -13,7 +13,8 @@ padding needs no pad op at all: there, threads past the edge read the last row, 
 (clamped bases, still constant offsets in the inner loop), so the kernel reads the input as it is. With
 ``pad_on_chip`` a padded conv needs none either: each nonzero's offset carries its (kh, kw) in its top
 byte and every load is predicated on the pixel being inside the image (zero outside), a few integer
-instructions per nonzero instead of a pad op's launch and round trip through memory.
+instructions per nonzero instead of a pad op's launch and round trip through memory; with ``tap_mask`` the
+offset carries the kernel position's index in its low 5 bits instead, tested against a per-pixel bit mask.
 """
 from __future__ import annotations
 
@@ -44,9 +45,8 @@ class CUDAKnobs(Knobs):
     nonzero_split: int = 1  # threadIdx.z slices sharing a channel's nonzeros (partial sums through shared memory)
     unroll: int = 1  # nonzeros a thread loads before their FMAs (1: the plain loop, which nvcc unrolls 4x)
     # Every thread first asks L2 for one 128-byte line of the input and of the CSR arrays (the grid covers them
-    # all): their trips from HBM (cold after the bench's L2 flush, or a previous layer's traffic) then overlap
-    # the row-pointer load, where otherwise the row pointers, the staged nonzeros and the first gathers each
-    # wait for HBM in turn.
+    # all), so their trips from HBM overlap the row-pointer load. Within the noise on the 7 batch-1 CSR layers
+    # (docs/benchmarks.md, twelfth session): no default takes it; a knob for the tuner.
     prefetch_l2: bool = False
     SPACE: ClassVar = {
         "threads_x": (8, 16, 32),
@@ -220,9 +220,9 @@ def _reads_predicated(spec: ConvSpec, k: CUDAKnobs) -> bool:
 
 TAP_SHIFT = 24  # packed offset: bits 0-23 the unpadded offset; 24-27 kh * dh, 28-31 kw * dw
 MASK_TAPS = 32  # tap_mask: one bit per kernel position in an int32
-# tap_mask packs offset << MASK_SHIFT | kh * KW + kw: one funnel shift of the pixel's mask by the packed word (the
-# hardware takes its low 5 bits) tests the bit, one shift recovers the offset (SASS: 2 + 1 instructions per
-# nonzero and pixel, where the index in the top byte took 2 + 2)
+# tap_mask packs offset << MASK_SHIFT | kh * KW + kw: the bit test is mask & (1 << (o & 31)) (SHF.L.W, whose shift
+# amount wraps at 32, and a LOP3 into a predicate) and the offset one shift folded into the address (LEA.HI), where
+# the index in the top byte took 3 + 2 instructions per nonzero and pixel (notes/cuda-sparse-conv.md, twelfth session)
 MASK_SHIFT = 5
 TAP_BIT = "#define escort_tap_bit(m, o) ((m) & (1 << ((o) & 31)))\n"
 

@@ -154,11 +154,13 @@ class SpecializedKnobs(Knobs):
     evict_first: bool = False
     # Blocks the input channels are cut into within one launch (schedules.split_blocks): each block of a work item
     # runs 1/block_split of its group's code on its own run of channel chunks, leaves its partial sums in a global
-    # workspace, and the last of them to finish adds them up and applies the epilogue. At batch 1 this lets a block
-    # hold a whole image (every warp of the SM then runs the code it fetches) while the grid still fills the GPU.
+    # workspace, and the last of them to finish adds them up and applies the epilogue, so a block can hold a whole
+    # image while the grid still fills the GPU. At batch 1 (notes v20) 8-12% faster than the default tiles on 14x14
+    # outputs (still behind the CSR kernel there), slower on larger outputs and the 1x1 rows: a knob for the tuner.
     block_split: int = 1
     # Every thread first asks L2 for one 128-byte line of the input (the grid covers all of it), so the chunk
-    # loads and taps that follow find it there instead of each waiting for HBM when first touched.
+    # loads and taps that follow find it there instead of each waiting for HBM when first touched. A wash at
+    # batch 1 (notes/specialized-codegen.md v20): no default takes it; a knob for the tuner.
     prefetch_l2: bool = False
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32, 64),
