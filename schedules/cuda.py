@@ -297,25 +297,25 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
             return x[ng * VN + i, off + oh * (sh * wp) + ow0 * sw + v * (TX * sw)]
         from tvm import tirx
 
-        n = tirx.min(ng * VN + i, N - 1)
         if clamp:
-            return x[n, off + tirx.min(oh, OH - 1) * (sh * wp) + tirx.min(ow0 + v * TX, OW - 1) * sw]
+            return x[tirx.min(ng * VN + i, N - 1),
+                     off + tirx.min(oh, OH - 1) * (sh * wp) + tirx.min(ow0 + v * TX, OW - 1) * sw]
         inside = in_image(oh, ow0, v, (off >> TAP_SHIFT) & 15, (off >> (TAP_SHIFT + 4)) & 15)
-        at = (off & ((1 << TAP_SHIFT) - 1)) + (oh * sh - pt) * wp + (ow0 + v * TX) * sw - pl
-        return tirx.if_then_else(inside, x[n, at], tirx.const(0.0, "float32"))
+        return tirx.if_then_else(inside, plain_read(x, ng, i, oh, ow0, v, off & ((1 << TAP_SHIFT) - 1)),
+                                 tirx.const(0.0, "float32"))
+
+    def plain_read(x, ng, i, oh, ow0, v, rel):
+        """pad_on_chip: the plain input at offset ``rel`` from pixel v's first kernel position (which may lie in
+        the padding: read only where the tap is inside the image)."""
+        from tvm import tirx
+
+        return x[tirx.min(ng * VN + i, N - 1), rel + (oh * sh - pt) * wp + (ow0 + v * TX) * sw - pl]
 
     def tap_bit(mask, off):
         """tap_mask: 1 where the nonzero's kernel position reads inside the image for this pixel, else 0."""
         from tvm.backend.cuda.op import cuda_func_call
 
         return cuda_func_call("escort_tap_bit", mask, off, return_type="int32", source_code=TAP_BIT)
-
-    def masked_tap(x, ng, i, oh, ow0, v, off):
-        """tap_mask: the input at the nonzero's offset (read only where its bit is set)."""
-        from tvm import tirx
-
-        n = tirx.min(ng * VN + i, N - 1)
-        return x[n, (off >> MASK_SHIFT) + (oh * sh - pt) * wp + (ow0 + v * TX) * sw - pl]
 
     @T.macro
     def fma_nonzero(acc, masks, x, ng, oh, ow0, s_nz, j, nz):
@@ -326,8 +326,8 @@ def _cuda_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, hp: int, wp: int,
             for v in T.unroll(VW):
                 if masked:  # a predicated load and FMA, nothing where the bit is clear
                     if tap_bit(masks[v], nz[0]) != 0:
-                        acc[i * VW + v] = acc[i * VW + v] + T.reinterpret("float32", nz[1]) * masked_tap(
-                            x, ng, i, oh, ow0, v, nz[0])
+                        acc[i * VW + v] = acc[i * VW + v] + T.reinterpret("float32", nz[1]) * plain_read(
+                            x, ng, i, oh, ow0, v, nz[0] >> MASK_SHIFT)
                 else:
                     acc[i * VW + v] = acc[i * VW + v] + T.reinterpret("float32", s_nz[2 * j + 1]) * tap_value(
                         x, masks, ng, i, oh, ow0, v, s_nz[2 * j])

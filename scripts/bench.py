@@ -447,8 +447,8 @@ GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*
 
 def specialized_variants(default, names: str, layouts: dict | None = None) -> list[dict]:
     """``[{name, knobs, reason}]``: the default knobs, then each named change of them (one SPEC_CHANGES entry or
-    ``knob=value``, or several joined by '+', applied in turn); a change that leaves the knob space or repeats an earlier
-    setting gets ``knobs=None`` and the reason. A name may start from one of ``layouts`` (name -> knobs: another
+    ``knob=value``, or several joined by '+', applied in turn); a change that leaves the knob space or repeats an
+    earlier setting gets ``knobs=None`` and the reason. A name may start from one of ``layouts`` (name -> knobs: another
     whole layout the rule derives, e.g. ``span`` = ``SpecializedCUDA.span_knobs``) instead of the default."""
     out, seen = [], {}
     layouts = layouts or {}

@@ -269,8 +269,8 @@ def _modules(mod):
 def _variants(rule, spec, weight, n):
     """The default knobs, its padding flipped on or off chip, the nonzeros split 4 ways and unrolled over
     small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks; a padded
-    conv's padding on chip by tap mask; the arrays prefetched into L2 first), then seeded random settings up to n (small chunks included, to hit
-    the multi-chunk path)."""
+    conv's padding on chip by tap mask; the arrays prefetched into L2 first), then seeded random settings up
+    to n (small chunks included, to hit the multi-chunk path)."""
     from schedules import CUDAKnobs
     from schedules.cuda import MASK_TAPS
 
