@@ -26,6 +26,7 @@ from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
 from .base import LARGE_BATCH, KernelPlan, Knobs, SparseConvRule, csr_arrays
+from .cuda_staged import StagedGeometry, longest_run, staged_arrays, staged_kernel
 from .ptx_taps import l2_prefetch
 
 
@@ -48,6 +49,12 @@ class CUDAKnobs(Knobs):
     # all), so their trips from HBM overlap the row-pointer load. Within the noise on the 7 batch-1 CSR layers
     # (docs/benchmarks.md, twelfth session): no default takes it; a knob for the tuner.
     prefetch_l2: bool = False
+    # The staged-input form (schedules/cuda_staged.py, stride 1): bands of input rows staged in shared memory,
+    # stage_channels input channels per round, read by channel_slots (threadIdx.z) x channels_per_block /
+    # channel_slots channels per thread; pixels_per_thread positions per thread, threads_x * threads_y per slot.
+    stage_input: bool = False
+    stage_channels: int = 8
+    channel_slots: int = 1
     SPACE: ClassVar = {
         "threads_x": (8, 16, 32),
         "threads_y": (1, 2, 4, 8, 16),
@@ -60,10 +67,16 @@ class CUDAKnobs(Knobs):
         "nonzero_split": (1, 2, 4, 8),
         "unroll": (1, 8, 16),
         "prefetch_l2": (False, True),
+        "stage_input": (False, True),
+        "stage_channels": (4, 8, 16, 32, 64),
+        "channel_slots": (1, 2, 4, 8),
     }
 
     def validate(self) -> None:
         super().validate()
+        if self.stage_input:
+            self._validate_staged()
+            return
         if not 32 <= self.threads_x * self.threads_y * self.nonzero_split <= 1024:
             raise ValueError(f"threads_x*threads_y*nonzero_split="
                              f"{self.threads_x * self.threads_y * self.nonzero_split} must be in [32, 1024]")
@@ -73,6 +86,24 @@ class CUDAKnobs(Knobs):
             raise ValueError(f"chunk={self.chunk} and nonzero_split={self.nonzero_split} need {self.shared_bytes()} "
                              f"bytes of shared memory (staged nonzeros + partial sums), more than a kernel's static "
                              f"{STATIC_SHARED_BYTES}")
+
+    def _validate_staged(self) -> None:
+        """What the staged form reads. It stages no nonzeros and pads on chip its own way, so chunk, pad_on_chip,
+        tap_mask and prefetch_l2 are not read there (as stage_channels and channel_slots are not in the gathering
+        form); several images per thread it cannot take. nonzero_split slices share each channel's nonzeros as in
+        the gathering form (partial sums through shared memory at the end)."""
+        if self.images_per_thread != 1:
+            raise ValueError(f"stage_input=True takes images_per_thread=1 (got {self.images_per_thread})")
+        slot = self.threads_x * self.threads_y
+        if slot % 32:
+            raise ValueError(f"stage_input: threads_x*threads_y={slot} must be a multiple of 32 (a warp walks one "
+                             "channel's nonzeros)")
+        if not slot * self.channel_slots * self.nonzero_split <= 1024:
+            raise ValueError(f"stage_input: {slot} x channel_slots={self.channel_slots} x nonzero_split="
+                             f"{self.nonzero_split} threads exceed 1024")
+        if self.channels_per_block % self.channel_slots:
+            raise ValueError(f"stage_input: channel_slots={self.channel_slots} must divide "
+                             f"channels_per_block={self.channels_per_block}")
 
     def partial_sum_floats(self) -> int:
         """Shared memory for the partial sums of slices 1.. of nonzero_split (each thread's accumulators)."""
@@ -143,7 +174,9 @@ class SparseConvCUDA(SparseConvRule):
                 ty = max(1, 32 // tx)
         knobs = CUDAKnobs(threads_x=tx, threads_y=ty, pixels_per_thread=vw, images_per_thread=vn,
                           channels_per_block=kb, chunk=1024)
-        return _small_batch_latency(spec, weight, knobs) if spec.N < LARGE_BATCH else knobs
+        if spec.N >= LARGE_BATCH:
+            return knobs
+        return staged_batch1_knobs(spec, weight) or _small_batch_latency(spec, weight, knobs)
 
     @staticmethod
     def warps(spec: ConvSpec, k: CUDAKnobs) -> int:
@@ -154,7 +187,7 @@ class SparseConvCUDA(SparseConvRule):
     @staticmethod
     def layout(spec: ConvSpec, k: CUDAKnobs) -> tuple[int, int, int]:
         """Padded input pitch (hp, wp) and extra images, so every thread's reads stay in bounds."""
-        if _reads_clamped(spec) or k.pad_on_chip:
+        if _reads_clamped(spec) or k.pad_on_chip or k.stage_input:
             return spec.H, spec.W, 0
         owt = -(-spec.OW // (k.threads_x * k.pixels_per_thread)) * k.threads_x * k.pixels_per_thread
         oht = -(-spec.OH // k.threads_y) * k.threads_y
@@ -167,6 +200,13 @@ class SparseConvCUDA(SparseConvRule):
         knobs = knobs or self.default_knobs(spec, weight)
         knobs.validate()
         hp, wp, extra = self.layout(spec, knobs)
+        if knobs.stage_input:  # the staged form reads the plain input and pads on chip
+            geometry = StagedGeometry(spec, knobs)
+            arrays = staged_arrays(weight, spec, geometry, knobs.channels_per_block)
+            run = longest_run(arrays[0], knobs.channels_per_block)
+            geometry.check_run(run, geometry.ROUNDS * knobs.channels_per_block + 1, spec)
+            func = staged_kernel(spec, weight.nnz, epilogue, knobs, geometry, run)
+            return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec)
         arrays = csr_arrays(weight, spec, hp, wp)
         if _reads_predicated(spec, knobs):
             arrays = (arrays[0], _packed_offsets(spec, weight, arrays[1], knobs.tap_mask)) + arrays[2:]
@@ -190,6 +230,52 @@ class SparseConvCUDA(SparseConvRule):
 SMALL_BATCH_UNROLL = 8
 FILL_WARPS = 16384
 SPLIT_BLOCK_THREADS = 512
+
+
+# The staged-input form at batch 1 (H200, docs/bench/stgF-stgH, 2026-12-04, every variant checked against float64;
+# 8 settings of each of the 16 layers against the defaults in the same calls, us): it beats both other kernels on
+# the stride-1 KxK convs of 13x13-28x28 outputs: vgg16.conv5_2 27.6 (gathering CSR 35.8), conv4_2 67.7 (specialised
+# 74 in final3_b1, gathering 148), alexnet.conv3 13.5 (18.7), conv2 15.3 (specialised 17.3), resnet50.l2.3x3 11.6
+# (specialised 13.8); ties on alexnet.conv5 and resnet50.l3.3x3 (13.8 / 14.3 against 14.4 / 13.5) and loses 5% on
+# alexnet.conv4 (18.0 against 17.2). It loses on 7x7 (resnet50.l4.3x3 16.5 against 13.8), 56x56 and larger (vgg16
+# conv1_2-conv3_2: the specialised kernel's row layout is 1.4-2.3x faster) and the 1x1 convs. Its settings: 8
+# channels a block, one per thread (8 slots), where that grid has 96+ blocks, else a narrower one. On 13x13/14x14,
+# 2 pixels a thread and 64 input channels a round; the narrow one 4 channels with each channel's nonzeros split
+# over 2 slices (docs/bench/stgI, stgJ, same call as the defaults before: alexnet.conv4 18.8 -> 16.8 us, conv5
+# 14.6 -> 13.9, resnet50.l3.3x3 14.5 -> 12.5; the wide one alexnet.conv3 15.1 -> 13.0, vgg16.conv5_2 29.6 -> 26.8).
+# On 27x27/28x28, 4 pixels a thread and 32 input channels a round; the narrow one 2 pixels (resnet50.l2.3x3).
+# Other batches are not measured.
+STAGED_PIXELS = (13 * 13, 28 * 28)
+STAGED_MIN_BLOCKS = 96
+PORTABLE_SHARED_BYTES = 99 * 1024  # a default must launch on sm_80-sm_89 too
+
+
+def staged_batch1_knobs(spec: ConvSpec, weight: SparseConvWeight) -> CUDAKnobs | None:
+    """The staged-input form's knobs where batch 1 measured it fastest (above), else None."""
+    if (spec.N != 1 or spec.stride != (1, 1) or spec.groups != 1 or spec.KH * spec.KW == 1
+            or not STAGED_PIXELS[0] <= spec.OH * spec.OW <= STAGED_PIXELS[1]):
+        return None
+    base = CUDAKnobs(threads_x=32, threads_y=2, unroll=SMALL_BATCH_UNROLL, stage_input=True)
+    if spec.OH * spec.OW <= 14 * 14:
+        wide = base.with_(pixels_per_thread=2, channels_per_block=8, channel_slots=8, stage_channels=64)
+        narrow = base.with_(pixels_per_thread=2, channels_per_block=4, channel_slots=4, stage_channels=64,
+                            nonzero_split=2)
+    else:
+        wide = base.with_(pixels_per_thread=4, channels_per_block=8, channel_slots=8, stage_channels=32)
+        narrow = wide.with_(pixels_per_thread=2)
+    blocks = StagedGeometry(spec, wide).BANDS * -(-spec.K // wide.channels_per_block)
+    cands = ([wide] if blocks >= STAGED_MIN_BLOCKS else []) + [narrow]
+    for k in cands:
+        try:
+            geo = StagedGeometry(spec, k)
+        except ValueError:
+            continue
+        # (the cost rules read the weight's shape and nonzero count only: a block's run per round, allowed twice
+        # its mean and 64 more, is what the rounds' runs of a 90%-pruned layer stay within)
+        mean_run = k.channels_per_block * weight.nnz * min(k.stage_channels, spec.C) / (spec.K * spec.C)
+        if geo.shared_bytes(int(2 * mean_run) + 64, geo.ROUNDS * k.channels_per_block + 1) <= PORTABLE_SHARED_BYTES:
+            return k
+    return None
 
 
 def _small_batch_latency(spec: ConvSpec, weight: SparseConvWeight, k: CUDAKnobs) -> CUDAKnobs:

@@ -30,6 +30,7 @@ from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
 from . import ptx_taps, split_blocks, work_queue
+from .cuda import staged_batch1_knobs
 from .base import LARGE_BATCH, KernelPlan, Knobs, SparseConvRule
 from .unrolled import ChannelGroup, unrolled_program
 
@@ -443,6 +444,9 @@ class SpecializedCUDA(SparseConvRule):
 
     def pays(self, spec: ConvSpec, weight: SparseConvWeight) -> str | None:
         """Whether it beats the CSR kernel by enough to pay for its compile time (the measurements above)."""
+        if staged_batch1_knobs(spec, weight) is not None:  # (cuda.py: STAGED_PIXELS, measured at batch 1)
+            return (f"cost rule: at batch 1 a stride-1 {spec.KH}x{spec.KW} conv on {spec.OH}x{spec.OW} outputs runs "
+                    f"faster on the CSR kernel's staged-input form")
         if spec.N >= ALL_LAYERS_BATCH or weight.nnz <= SMALL_BATCH_MAX_NONZEROS or spec.OH * spec.OW >= LARGE_IMAGE:
             return None
         return (f"cost rule: at batch {spec.N} (< {ALL_LAYERS_BATCH}) a layer of {weight.nnz} nonzeros on "

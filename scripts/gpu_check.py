@@ -269,8 +269,9 @@ def _modules(mod):
 def _variants(rule, spec, weight, n):
     """The default knobs, its padding flipped on or off chip, the nonzeros split 4 ways and unrolled over
     small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks; a padded
-    conv's padding on chip by tap mask; the arrays prefetched into L2 first), then seeded random settings up
-    to n (small chunks included, to hit the multi-chunk path)."""
+    conv's padding on chip by tap mask; the arrays prefetched into L2 first), on stride-1 convs three settings of
+    the staged-input form (one with its nonzeros split 4 ways), then seeded random settings up to n (small chunks included, to hit the multi-chunk
+    path)."""
     from schedules import CUDAKnobs
     from schedules.cuda import MASK_TAPS
 
@@ -284,6 +285,12 @@ def _variants(rule, spec, weight, n):
         while split.threads_x * split.threads_y * split.nonzero_split > 1024:
             split = split.with_(threads_y=split.threads_y // 2)
         out.append(split)
+    if spec.stride == (1, 1):  # the staged-input form: several rounds (unrolled), then one ragged round, CPT 2
+        staged = CUDAKnobs(threads_x=32, threads_y=2, pixels_per_thread=2, channels_per_block=4, channel_slots=2,
+                           stage_input=True, stage_channels=4, unroll=8)
+        out += [staged, staged.with_(threads_y=1, pixels_per_thread=4, channels_per_block=8, channel_slots=4,
+                                     stage_channels=32, unroll=1),
+                staged.with_(threads_y=1, nonzero_split=4, stage_channels=16)]  # partial sums of 4 slices
     rng = np.random.default_rng(len(out) + spec.K)
     while len(out) < n:
         kw = {name: vals[rng.integers(len(vals))] for name, vals in CUDAKnobs.SPACE.items()}

@@ -148,9 +148,12 @@ def ort_reference(model, feeds: dict) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- knob covers
-def knob_cover(knobs_cls, valid=None):
+def knob_cover(knobs_cls, valid=None, max_listed: int = 200_000, draws: int = 60_000):
     """A small list of valid knob sets in which every value of every knob appears at least once (greedy
-    cover over the rule's declared space, deterministic)."""
+    cover over the rule's declared space, deterministic: the whole space where it is small, else seeded
+    draws of each knob independently)."""
+    import math
+
     def ok(k):
         try:
             k.validate()
@@ -159,8 +162,15 @@ def knob_cover(knobs_cls, valid=None):
         return valid(k) if valid else True
 
     space = knobs_cls.SPACE
+    names = list(space)
     uncovered = {(n, v) for n, vals in space.items() for v in vals}
-    cands = [k for k in knobs_cls.space() if ok(k)]
+    if math.prod(len(v) for v in space.values()) <= max_listed:
+        cands = [k for k in knobs_cls.space() if ok(k)]
+    else:
+        rng = np.random.default_rng(0)
+        picks = [rng.integers(len(space[n]), size=draws) for n in names]
+        cands = list(dict.fromkeys(k for k in (knobs_cls(**{n: space[n][int(p[i])] for n, p in zip(names, picks)})
+                                               for i in range(draws)) if ok(k)))
     chosen = []
     while uncovered:
         best = max(cands, key=lambda k: sum((n, getattr(k, n)) in uncovered for n in space))
@@ -169,6 +179,23 @@ def knob_cover(knobs_cls, valid=None):
         uncovered -= gain
         chosen.append(best)
     return chosen
+
+
+STAGED_SHAPES = ("long_rows", "3x3_pad1", "batch3", "sparsity99", "5x5_pad2", "dilation2")
+
+
+def staged_shape(knobs, shapes) -> str:
+    """The first stride-1 case of CONV_CASES whose band and rounds a staged-input knob set can take (its shared
+    memory and copies per thread depend on the shape)."""
+    from schedules.cuda_staged import StagedGeometry
+
+    for name in STAGED_SHAPES:
+        try:
+            StagedGeometry(shapes[name][0], knobs)
+            return name
+        except ValueError:
+            continue
+    raise AssertionError(f"no case of {STAGED_SHAPES} takes {knobs}")
 
 
 GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*\("

@@ -16,7 +16,8 @@ from escort_tvm import ConvSpec, Epilogue, SparseConvWeight
 from escort_tvm.cuda_toolchain import carries_gpu_binary
 from escort_tvm.models import small_pruned_cnn
 from schedules import CUDAKnobs, SparseConvCUDA, SpecializedCUDA
-from _helpers import CONV_CASES, GLOBAL_FN, all_modules, cuda_source, func_name, knob_cover, pruned, randn
+from _helpers import (CONV_CASES, GLOBAL_FN, all_modules, cuda_source, func_name, knob_cover, pruned, randn,
+                      staged_shape)
 
 
 def _has_gpu():
@@ -123,7 +124,8 @@ def test_knob_cover_covers_the_space():
 @pytest.mark.parametrize("i", range(len(COVER)), ids=[f"cover{i}" for i in range(len(COVER))])
 def test_cuda_schedule_variants_compile_to_device_kernels(cuda_target, rng, tmp_path, i):
     knobs = COVER[i]
-    spec, sparsity = SHAPES[VARIANT_SHAPES[i % len(VARIANT_SHAPES)]]
+    name = (staged_shape(knobs, SHAPES) if knobs.stage_input else VARIANT_SHAPES[i % len(VARIANT_SHAPES)])
+    spec, sparsity = SHAPES[name]
     lib = _compile_and_check(cuda_target, rng, spec, sparsity, knobs, relu=bool(i % 2))
     lib.export_library(str(tmp_path / "k.so"))
     data = (tmp_path / "k.so").read_bytes()
@@ -237,7 +239,8 @@ def test_small_batch_defaults_put_more_nonzeros_in_flight(rng):
     def knobs(spec):
         return rule.default_knobs(spec, SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, 0.9)))
 
-    conv3 = ConvSpec(N=1, C=256, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1))  # alexnet.conv3
+    # alexnet.conv3's shape at batch 2 (at batch 1 the staged-input form takes it: test_cuda_staged.py)
+    conv3 = ConvSpec(N=2, C=256, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1))
     k = knobs(conv3)
     assert (k.unroll, k.pad_on_chip, k.tap_mask, k.nonzero_split) == (8, True, True, 4)
     assert rule.warps(conv3, k) <= FILL_WARPS < rule.warps(conv3, k.with_(nonzero_split=8)) or \

@@ -189,10 +189,17 @@ def test_auto_cost_rule_takes_large_images_specialised_at_small_batch(rng):
     weight = SparseConvWeight.from_dense(pruned(rng, (128, 128, 3, 3), 0.5))
     assert weight.nnz > SMALL_BATCH_MAX_NONZEROS
     side = int(LARGE_IMAGE ** 0.5)
-    big = ConvSpec(N=1, C=128, H=side, W=side, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
-    small = ConvSpec(N=1, C=128, H=side - 1, W=side - 1, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
+    big = ConvSpec(N=1, C=128, H=2 * side, W=2 * side, K=128, KH=3, KW=3, stride=(2, 2), pad=(1, 1, 1, 1))
+    small = ConvSpec(N=1, C=128, H=side - 1, W=side - 1, K=128, KH=3, KW=3, stride=(2, 2), pad=(1, 1, 1, 1))
+    assert (big.OH, small.OH) == (side, side // 2)
     assert pays(big, weight) is None
     assert "runs faster on the CSR kernel" in pays(small, weight)
+    # stride 1 on 13x13-28x28 outputs at batch 1: the CSR kernel's staged-input form (cuda.py, STAGED_PIXELS)
+    pruned90 = SparseConvWeight.from_dense(pruned(rng, (128, 128, 3, 3), 0.9))
+    for hw in (13, side):
+        staged = ConvSpec(N=1, C=128, H=hw, W=hw, K=128, KH=3, KW=3, pad=(1, 1, 1, 1))
+        assert "staged-input form" in pays(staged, pruned90)
+    assert pays(ConvSpec(N=1, C=128, H=56, W=56, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)), weight) is None
 
 
 def test_auto_keeps_a_large_output_layer_dense_below_the_csr_crossover(rng):
