@@ -391,7 +391,9 @@ class _Rewriter(relax.PyExprMutator):
         # knobs; the weights are arguments) was added for an earlier conv: the report names the one used.
         gvar = bb.add_func(func, f"escort_sparse_conv{site.report.index}")
         site.report.function = gvar.name_hint
-        args = [x] + [relax.const(a) for a in plan.weight_arrays] + [relax.const(site.bias)]
+        # (dtype given: relax.const turns an int64 array into int32 by default, and the staged-input kernel's
+        # nonzeros are int64 words)
+        args = [x] + [relax.const(a, str(a.dtype)) for a in plan.weight_arrays] + [relax.const(site.bias)]
         if site.residual is not None:
             args.append(self.visit_expr(site.residual))
         call = relax.call_tir(gvar, relax.Tuple(args), relax.TensorType(spec.output_shape, "float32"))

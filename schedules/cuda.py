@@ -236,31 +236,35 @@ SPLIT_BLOCK_THREADS = 512
 # 8 settings of each of the 16 layers against the defaults in the same calls, us): it beats both other kernels on
 # the stride-1 KxK convs of 13x13-28x28 outputs: vgg16.conv5_2 27.6 (gathering CSR 35.8), conv4_2 67.7 (specialised
 # 74 in final3_b1, gathering 148), alexnet.conv3 13.5 (18.7), conv2 15.3 (specialised 17.3), resnet50.l2.3x3 11.6
-# (specialised 13.8); ties on alexnet.conv5 and resnet50.l3.3x3 (13.8 / 14.3 against 14.4 / 13.5) and loses 5% on
-# alexnet.conv4 (18.0 against 17.2). It loses on 7x7 (resnet50.l4.3x3 16.5 against 13.8), 56x56 and larger (vgg16
-# conv1_2-conv3_2: the specialised kernel's row layout is 1.4-2.3x faster) and the 1x1 convs. Its settings: 8
+# (specialised 13.8), resnet50.l1.3x3 (56x56, 64 channels) 11.2 (specialised 12.2-12.6 in other calls); ties on
+# alexnet.conv5 and resnet50.l3.3x3 (13.8 / 14.3 against 14.4 / 13.5) and loses 5% on alexnet.conv4 (18.0 against
+# 17.2). It loses on 7x7 (resnet50.l4.3x3 16.5 against 13.8), on 56x56 with more channels and larger (vgg16
+# conv1_2-conv3_2: the specialised kernel's row layout is 1.4-2.3x faster) and on the 1x1 convs. Its settings: 8
 # channels a block, one per thread (8 slots), where that grid has 96+ blocks, else a narrower one. On 13x13/14x14,
 # 2 pixels a thread and 64 input channels a round; the narrow one 4 channels with each channel's nonzeros split
 # over 2 slices (docs/bench/stgI, stgJ, same call as the defaults before: alexnet.conv4 18.8 -> 16.8 us, conv5
 # 14.6 -> 13.9, resnet50.l3.3x3 14.5 -> 12.5; the wide one alexnet.conv3 15.1 -> 13.0, vgg16.conv5_2 29.6 -> 26.8).
 # On 27x27/28x28, 4 pixels a thread and 32 input channels a round; the narrow one 2 pixels (resnet50.l2.3x3).
 # Other batches are not measured.
-STAGED_PIXELS = (13 * 13, 28 * 28)
+STAGED_PIXELS = (13 * 13, 56 * 56)
+STAGED_WIDE_MAX_CHANNELS = 64  # past 28x28 outputs only this few input channels (resnet50.l1.3x3, not vgg16.conv3_2)
 STAGED_MIN_BLOCKS = 96
 PORTABLE_SHARED_BYTES = 99 * 1024  # a default must launch on sm_80-sm_89 too
 
 
 def staged_batch1_knobs(spec: ConvSpec, weight: SparseConvWeight) -> CUDAKnobs | None:
     """The staged-input form's knobs where batch 1 measured it fastest (above), else None."""
+    pixels = spec.OH * spec.OW
     if (spec.N != 1 or spec.stride != (1, 1) or spec.groups != 1 or spec.KH * spec.KW == 1
-            or not STAGED_PIXELS[0] <= spec.OH * spec.OW <= STAGED_PIXELS[1]):
+            or not STAGED_PIXELS[0] <= pixels <= STAGED_PIXELS[1]
+            or (pixels > STAGED_PIXELS[1] // 4 and spec.C > STAGED_WIDE_MAX_CHANNELS)):
         return None
     base = CUDAKnobs(threads_x=32, threads_y=2, unroll=SMALL_BATCH_UNROLL, stage_input=True)
     if spec.OH * spec.OW <= 14 * 14:
         wide = base.with_(pixels_per_thread=2, channels_per_block=8, channel_slots=8, stage_channels=64)
         narrow = base.with_(pixels_per_thread=2, channels_per_block=4, channel_slots=4, stage_channels=64,
                             nonzero_split=2)
-    else:
+    else:  # (27x27-56x56)
         wide = base.with_(pixels_per_thread=4, channels_per_block=8, channel_slots=8, stage_channels=32)
         narrow = wide.with_(pixels_per_thread=2)
     blocks = StagedGeometry(spec, wide).BANDS * -(-spec.K // wide.channels_per_block)
@@ -270,12 +274,20 @@ def staged_batch1_knobs(spec: ConvSpec, weight: SparseConvWeight) -> CUDAKnobs |
             geo = StagedGeometry(spec, k)
         except ValueError:
             continue
-        # (the cost rules read the weight's shape and nonzero count only: a block's run per round, allowed twice
-        # its mean and 64 more, is what the rounds' runs of a 90%-pruned layer stay within)
-        mean_run = k.channels_per_block * weight.nnz * min(k.stage_channels, spec.C) / (spec.K * spec.C)
-        if geo.shared_bytes(int(2 * mean_run) + 64, geo.ROUNDS * k.channels_per_block + 1) <= PORTABLE_SHARED_BYTES:
+        if geo.shared_bytes(_longest_run(spec, weight, geo, k), geo.ROUNDS * k.channels_per_block + 1) \
+                <= PORTABLE_SHARED_BYTES:
             return k
     return None
+
+
+def _longest_run(spec: ConvSpec, weight, geo: StagedGeometry, k: CUDAKnobs) -> int:
+    """The most nonzeros a block stages in one round: counted where the weight is at hand, else (a cost rule
+    given the nonzero count only, scripts/summarize_choice.py) its mean + 4 sqrt(mean) + 16, which bounds the
+    count on the 8 layers the rule takes (magnitude-pruned to 90%: 1.04-1.25x the mean)."""
+    if hasattr(weight, "row_ptr"):
+        return longest_run(staged_arrays(weight, spec, geo, k.channels_per_block)[0], k.channels_per_block)
+    mean = k.channels_per_block * weight.nnz * min(k.stage_channels, spec.C) / (spec.K * spec.C)
+    return int(mean + 4 * mean ** 0.5 + 16)
 
 
 def _small_batch_latency(spec: ConvSpec, weight: SparseConvWeight, k: CUDAKnobs) -> CUDAKnobs:

@@ -51,6 +51,18 @@ def test_cuda_build_compiles_every_sparse_kernel_for_the_device(cuda_cnn):
         assert {f"escort_sparse_conv{r.index}_kernel"} in per_module, per_module
 
 
+def test_cuda_build_at_batch_1_takes_the_staged_input_form_through_the_graph(tmp_path):
+    """At batch 1 the dilated 5x3 conv on 15x15 outputs gets the CSR kernel's staged-input form, whose int64
+    nonzero words reach the kernel as int64 constants (relax.const alone would make them int32, and the call
+    would not type-check), and the model exports with a fatbin."""
+    built = escort_tvm.build(*escort_tvm.from_onnx(small_pruned_cnn(batch=1, seed=1)), "cuda")
+    staged = [r for r in built.report if r.kernel == "sparse" and "'stage_input': True" in r.schedule]
+    assert [r.index for r in staged] == [5], built.report_text()
+    assert "staged-input form" in " ".join(staged[0].notes)
+    assert "escort_sparse_conv5_kernel" in set(re.findall(GLOBAL_FN, cuda_source(built.executable)))
+    assert carries_gpu_binary(built.export_library(tmp_path / "m.so"))
+
+
 def test_cuda_export_embeds_fatbin_not_source(cuda_cnn, tmp_path):
     _, built = cuda_cnn
     so = built.export_library(tmp_path / "cnn_cuda.so")
