@@ -240,10 +240,11 @@ SPLIT_BLOCK_THREADS = 512
 # alexnet.conv5 and resnet50.l3.3x3 (13.8 / 14.3 against 14.4 / 13.5) and loses 5% on alexnet.conv4 (18.0 against
 # 17.2). It loses on 7x7 (resnet50.l4.3x3 16.5 against 13.8), on 56x56 with more channels and larger (vgg16
 # conv1_2-conv3_2: the specialised kernel's row layout is 1.4-2.3x faster) and on the 1x1 convs. Its settings: 8
-# channels a block, one per thread (8 slots), where that grid has 96+ blocks, else a narrower one. On 13x13/14x14,
-# 2 pixels a thread and 64 input channels a round; the narrow one 4 channels with each channel's nonzeros split
-# over 2 slices (docs/bench/stgI, stgJ, same call as the defaults before: alexnet.conv4 18.8 -> 16.8 us, conv5
-# 14.6 -> 13.9, resnet50.l3.3x3 14.5 -> 12.5; the wide one alexnet.conv3 15.1 -> 13.0, vgg16.conv5_2 29.6 -> 26.8).
+# channels a block, one per thread (8 slots), where that grid has 96+ blocks, else 4 (a narrower one). On
+# 13x13/14x14, one warp of 4 pixels a thread per slot, each channel's nonzeros split over 4 slices, 64 input
+# channels a round (docs/bench/stgN, against the settings before in one call, us: vgg16.conv5_2 27.0 -> 24.4,
+# alexnet.conv5 13.9 -> 12.6, conv3/conv4/resnet50.l3.3x3 within 2%; those before, 2 pixels a thread over 2 warps,
+# had given alexnet.conv4 18.8 -> 16.8 and resnet50.l3.3x3 14.5 -> 12.5 over 4 slots unsplit, stgI/stgJ).
 # On 27x27/28x28, 4 pixels a thread and 32 input channels a round; the narrow one 2 pixels (resnet50.l2.3x3).
 # Other batches are not measured.
 STAGED_PIXELS = (13 * 13, 56 * 56)
@@ -261,9 +262,9 @@ def staged_batch1_knobs(spec: ConvSpec, weight: SparseConvWeight) -> CUDAKnobs |
         return None
     base = CUDAKnobs(threads_x=32, threads_y=2, unroll=SMALL_BATCH_UNROLL, stage_input=True)
     if spec.OH * spec.OW <= 14 * 14:
-        wide = base.with_(pixels_per_thread=2, channels_per_block=8, channel_slots=8, stage_channels=64)
-        narrow = base.with_(pixels_per_thread=2, channels_per_block=4, channel_slots=4, stage_channels=64,
-                            nonzero_split=2)
+        wide = base.with_(threads_y=1, pixels_per_thread=4, channels_per_block=8, channel_slots=8, stage_channels=64,
+                          nonzero_split=4)
+        narrow = wide.with_(channels_per_block=4, channel_slots=4)
     else:  # (27x27-56x56)
         wide = base.with_(pixels_per_thread=4, channels_per_block=8, channel_slots=8, stage_channels=32)
         narrow = wide.with_(pixels_per_thread=2)
