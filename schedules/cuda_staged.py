@@ -12,6 +12,8 @@ at pitch ``SP = OW + (KW - 1) * dw``. Output position ``q = r * SP + c`` (row ``
 ``c >= OW`` ones are computed and dropped) reads nonzero (cl, kh, kw) at ``q + cl * PLANE + kh * dh * SP + kw * dw``,
 so one packed offset per nonzero serves every position. Thread ``t`` of a channel slot owns positions
 ``t + p * NTP`` (p < pixels_per_thread): consecutive threads read consecutive words, one wavefront per warp.
+``channel_slots`` slots (threadIdx.z) take different channels; with ``nonzero_split`` KS slices also share each
+channel's nonzeros (every KS-th), and slices 1.. hand their sums to slice 0 through shared memory at the end.
 
 Each nonzero is one 8-byte word (staged offset, value bits), stored so that a block's nonzeros of one round
 (its channels' runs in turn) are one contiguous run; ``run_ptr[(kg * ROUNDS + r) * KB + m]`` is where channel m of
@@ -35,7 +37,7 @@ from escort_tvm.sparse_format import SparseConvWeight
 # sm_80-sm_89 also allow; a setting past what the GPU has fails at launch, naming dynamic shared memory.
 SHARED_BYTES = 227 * 1024
 MAX_COPIES = 256  # asynchronous copies a thread issues per round (one unrolled instruction each)
-MAX_RUN_LOADS = 8  # (8-byte) nonzeros of one thread's share of a round's run
+MAX_RUN_LOADS = 8  # (8-byte) nonzeros a thread copies of a round's run
 
 
 class StagedGeometry:
