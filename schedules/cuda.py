@@ -202,9 +202,9 @@ class SparseConvCUDA(SparseConvRule):
         hp, wp, extra = self.layout(spec, knobs)
         if knobs.stage_input:  # the staged form reads the plain input and pads on chip
             geometry = StagedGeometry(spec, knobs)
-            arrays = staged_arrays(weight, spec, geometry, knobs.channels_per_block)
-            run = longest_run(arrays[0], knobs.channels_per_block)
-            geometry.check_run(run, geometry.ROUNDS * knobs.channels_per_block + 1, spec)
+            arrays = staged_arrays(weight, spec, geometry)
+            run = longest_run(arrays[0], geometry)
+            geometry.check_run(run, spec)
             func = staged_kernel(spec, weight.nnz, epilogue, knobs, geometry, run)
             return KernelPlan(func, hp, wp, arrays, self.name, knobs, spec)
         arrays = csr_arrays(weight, spec, hp, wp)
@@ -261,11 +261,11 @@ def staged_batch1_knobs(spec: ConvSpec, weight: SparseConvWeight) -> CUDAKnobs |
             or (pixels > STAGED_PIXELS[1] // 4 and spec.C > STAGED_WIDE_MAX_CHANNELS)):
         return None
     base = CUDAKnobs(threads_x=32, threads_y=2, unroll=SMALL_BATCH_UNROLL, stage_input=True)
-    if spec.OH * spec.OW <= 14 * 14:
+    if pixels <= 14 * 14:
         wide = base.with_(threads_y=1, pixels_per_thread=4, channels_per_block=8, channel_slots=8, stage_channels=64,
                           nonzero_split=4)
         narrow = wide.with_(channels_per_block=4, channel_slots=4)
-    elif spec.OH * spec.OW <= 28 * 28:
+    elif pixels <= 28 * 28:
         wide = base.with_(pixels_per_thread=4, channels_per_block=8, channel_slots=8, stage_channels=32)
         narrow = wide.with_(pixels_per_thread=2)
     else:  # 56x56 with few channels: one warp of 8 pixels a thread per slot, nonzeros over 2 slices (stgP: 11.8 -> 9.5)
@@ -279,19 +279,18 @@ def staged_batch1_knobs(spec: ConvSpec, weight: SparseConvWeight) -> CUDAKnobs |
             geo = StagedGeometry(spec, k)
         except ValueError:
             continue
-        if geo.shared_bytes(_longest_run(spec, weight, geo, k), geo.ROUNDS * k.channels_per_block + 1) \
-                <= PORTABLE_SHARED_BYTES:
+        if geo.shared_bytes(_longest_run(spec, weight, geo)) <= PORTABLE_SHARED_BYTES:
             return k
     return None
 
 
-def _longest_run(spec: ConvSpec, weight, geo: StagedGeometry, k: CUDAKnobs) -> int:
+def _longest_run(spec: ConvSpec, weight, geo: StagedGeometry) -> int:
     """The most nonzeros a block stages in one round: counted where the weight is at hand, else (a cost rule
     given the nonzero count only, scripts/summarize_choice.py) its mean + 4 sqrt(mean) + 16, which bounds the
     count on the 8 layers the rule takes (magnitude-pruned to 90%: 1.04-1.25x the mean)."""
     if hasattr(weight, "row_ptr"):
-        return longest_run(staged_arrays(weight, spec, geo, k.channels_per_block)[0], k.channels_per_block)
-    mean = k.channels_per_block * weight.nnz * min(k.stage_channels, spec.C) / (spec.K * spec.C)
+        return longest_run(staged_arrays(weight, spec, geo)[0], geo)
+    mean = geo.KB * weight.nnz * min(geo.CC, spec.C) / (spec.K * spec.C)
     return int(mean + 4 * mean ** 0.5 + 16)
 
 

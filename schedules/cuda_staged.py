@@ -66,37 +66,43 @@ class StagedGeometry:
         # positions past the band (c >= OW, or past TH rows) read junk, but inside their round's buffer
         self.SIZE = max(self.CC * self.PLANE, (self.CC - 1) * self.PLANE + halo + self.NTP * self.P)
         self.COPIES = -(-self.PLANE // self.NT) * self.CC
-        self.PARTIALS = (self.KS - 1) * k.channels_per_block * self.P * self.NTP  # slices 1..'s sums, at the end
-        if self.shared_bytes(0, 0) > SHARED_BYTES:
+        self.S4 = -(-self.SIZE // 4) * 4  # one round's buffer, rounded to 16 bytes
+        self.KB = k.channels_per_block
+        self.BOUNDS = self.ROUNDS * self.KB + 1  # a block's run bounds
+        self.PARTIALS = (self.KS - 1) * self.KB * self.P * self.NTP  # slices 1..'s sums, at the end
+        if 4 * max(2 * self.S4, self.PARTIALS) > SHARED_BYTES:
             raise ValueError(f"stage_input: two rounds of {self.CC} planes of {self.ROWS}x{self.SP} need "
-                             f"{self.shared_bytes(0, 0)} bytes of shared memory, more than {SHARED_BYTES} "
+                             f"{4 * max(2 * self.S4, self.PARTIALS)} bytes of shared memory, more than {SHARED_BYTES} "
                              f"({spec.describe()})")
         if self.COPIES > MAX_COPIES:
             raise ValueError(f"stage_input: each thread would copy {self.COPIES} inputs per round (at most "
                              f"{MAX_COPIES}); use more threads or fewer stage_channels ({spec.describe()})")
 
-    def shared_bytes(self, run: int, bounds: int) -> int:
-        """Two rounds' planes (each rounded to 16 bytes) and runs of ``run`` nonzeros, and ``bounds`` run bounds; or
-        the slices' partial sums, which reuse the buffer after the last round, where they need more."""
-        return 4 * max(2 * (-(-self.SIZE // 4) * 4) + 4 * run + bounds, self.PARTIALS)
+    def words(self, run: int) -> int:
+        """The kernel's shared buffer in 4-byte words: two rounds' planes and runs of ``run`` nonzeros, and the run
+        bounds; or the slices' partial sums, which reuse the buffer after the last round, where they need more."""
+        return max(2 * self.S4 + 4 * run + self.BOUNDS, self.PARTIALS)
 
-    def check_run(self, run: int, bounds: int, spec: ConvSpec) -> None:
+    def shared_bytes(self, run: int) -> int:
+        return 4 * self.words(run)
+
+    def check_run(self, run: int, spec: ConvSpec) -> None:
         """The run of nonzeros a block stages per round must fit beside the planes (and in a few copies)."""
-        if self.shared_bytes(run, bounds) > SHARED_BYTES:
+        if self.shared_bytes(run) > SHARED_BYTES:
             raise ValueError(f"stage_input: two rounds of {self.CC} planes of {self.ROWS}x{self.SP} and runs of "
-                             f"{run} nonzeros need {self.shared_bytes(run, bounds)} bytes of shared memory, more "
+                             f"{run} nonzeros need {self.shared_bytes(run)} bytes of shared memory, more "
                              f"than {SHARED_BYTES} ({spec.describe()})")
         if -(-run // self.NT) > MAX_RUN_LOADS:
             raise ValueError(f"stage_input: a round's run of {run} nonzeros is more than {MAX_RUN_LOADS} per thread "
                              f"({spec.describe()})")
 
 
-def staged_arrays(weight: SparseConvWeight, spec: ConvSpec, g: StagedGeometry, channels_per_block: int):
+def staged_arrays(weight: SparseConvWeight, spec: ConvSpec, g: StagedGeometry):
     """run_ptr[KG * ROUNDS * KB + 1] and the nonzeros as int64 (offset in the round's planes | value bits << 32),
     ordered by (channel group, round, channel): a block's nonzeros of one round are one run. The rows are sorted
     by (channel, kh, kw), so a channel's nonzeros of one round are one run of its row."""
     (dh, dw) = spec.dilation
-    K, KB = weight.K, channels_per_block
+    K, KB = weight.K, g.KB
     KG = -(-K // KB)
     bounds = np.arange(g.ROUNDS + 1, dtype=np.int64) * g.CC
     cut = np.zeros((KG * KB, g.ROUNDS + 1), np.int64)  # row k's nonzeros of round r: [cut[k, r], cut[k, r + 1])
@@ -117,9 +123,9 @@ def staged_arrays(weight: SparseConvWeight, spec: ConvSpec, g: StagedGeometry, c
     return run_ptr.astype(np.int32), (off | (bits << 32))[order]
 
 
-def longest_run(run_ptr: np.ndarray, channels_per_block: int) -> int:
+def longest_run(run_ptr: np.ndarray, g: StagedGeometry) -> int:
     """The most nonzeros one block stages in one round (the shared buffer's size; at least 1)."""
-    starts = run_ptr[::channels_per_block].astype(np.int64)
+    starts = run_ptr[::g.KB].astype(np.int64)
     return max(1, int(np.diff(starts).max())) if starts.size > 1 else 1
 
 
@@ -140,12 +146,11 @@ def staged_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, k, g: StagedGeom
     RUN = max_run
     RL = -(-RUN // NT)  # a thread's share of a round's run
     TP = -(-PLANE // NT)  # band positions a thread copies (each for every channel of the round)
-    BPTR = ROUNDS * KB + 1  # the block's run bounds
+    BPTR, S4 = g.BOUNDS, g.S4
     # one dynamic shared buffer (float32 words): band 0 | band 1 | run 0 | run 1 | run bounds (int bits)
-    S4 = -(-g.SIZE // 4) * 4
     NZ = 2 * S4
     PT = NZ + 4 * RUN
-    WORDS = max(PT + BPTR, g.PARTIALS)
+    WORDS = g.words(RUN)
     pt, pl = spec.pad[0], spec.pad[1]
     relu, res = epilogue.relu, epilogue.residual
     NNZ = max(nnz, 1)

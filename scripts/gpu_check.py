@@ -270,8 +270,8 @@ def _variants(rule, spec, weight, n):
     """The default knobs, its padding flipped on or off chip, the nonzeros split 4 ways and unrolled over
     small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks; a padded
     conv's padding on chip by tap mask; the arrays prefetched into L2 first), on stride-1 convs three settings of
-    the staged-input form (one with its nonzeros split 4 ways), then seeded random settings up to n (small chunks included, to hit the multi-chunk
-    path)."""
+    the staged-input form (one with its nonzeros split 4 ways), then seeded random settings up to n (small chunks
+    included, to hit the multi-chunk path)."""
     from schedules import CUDAKnobs
     from schedules.cuda import MASK_TAPS
 

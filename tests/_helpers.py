@@ -198,4 +198,15 @@ def staged_shape(knobs, shapes) -> str:
     raise AssertionError(f"no case of {STAGED_SHAPES} takes {knobs}")
 
 
+def cover_shape(knobs, shapes, names, i: int) -> str:
+    """The case a CSR knob set of a cover compiles on: a staged-input one on a stride-1 case it can take, else the
+    i-th (cyclically) of ``names`` it can take (tap_mask has one bit per kernel position, at most MASK_TAPS)."""
+    from schedules.cuda import MASK_TAPS
+
+    if knobs.stage_input:
+        return staged_shape(knobs, shapes)
+    takes = [n for n in names if not (knobs.tap_mask and shapes[n][0].KH * shapes[n][0].KW > MASK_TAPS)]
+    return takes[i % len(takes)]
+
+
 GLOBAL_FN = r"__global__\s+void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s+)?(\w+)\s*\("

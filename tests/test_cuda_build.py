@@ -16,8 +16,8 @@ from escort_tvm import ConvSpec, Epilogue, SparseConvWeight
 from escort_tvm.cuda_toolchain import carries_gpu_binary
 from escort_tvm.models import small_pruned_cnn
 from schedules import CUDAKnobs, SparseConvCUDA, SpecializedCUDA
-from _helpers import (CONV_CASES, GLOBAL_FN, all_modules, cuda_source, func_name, knob_cover, pruned, randn,
-                      staged_shape)
+from _helpers import (CONV_CASES, GLOBAL_FN, all_modules, cover_shape, cuda_source, func_name, knob_cover, pruned,
+                      randn)
 
 
 def _has_gpu():
@@ -136,11 +136,7 @@ def test_knob_cover_covers_the_space():
 @pytest.mark.parametrize("i", range(len(COVER)), ids=[f"cover{i}" for i in range(len(COVER))])
 def test_cuda_schedule_variants_compile_to_device_kernels(cuda_target, rng, tmp_path, i):
     knobs = COVER[i]
-    from schedules.cuda import MASK_TAPS
-
-    takes = [n for n in VARIANT_SHAPES if not (knobs.tap_mask and SHAPES[n][0].KH * SHAPES[n][0].KW > MASK_TAPS)]
-    name = staged_shape(knobs, SHAPES) if knobs.stage_input else takes[i % len(takes)]
-    spec, sparsity = SHAPES[name]
+    spec, sparsity = SHAPES[cover_shape(knobs, SHAPES, VARIANT_SHAPES, i)]
     lib = _compile_and_check(cuda_target, rng, spec, sparsity, knobs, relu=bool(i % 2))
     lib.export_library(str(tmp_path / "k.so"))
     data = (tmp_path / "k.so").read_bytes()

@@ -80,12 +80,12 @@ def test_staged_arrays_replay_the_reference(rng, case):
     x, bias = randn(rng, spec.input_shape), randn(rng, (spec.K,), 0.5)
     geo = StagedGeometry(spec, knobs)
     KB = knobs.channels_per_block
-    run_ptr, pairs = staged_arrays(weight, spec, geo, KB)
+    run_ptr, pairs = staged_arrays(weight, spec, geo)
     KG = -(-spec.K // KB)
     assert run_ptr.dtype == np.int32 and pairs.dtype == np.int64 and run_ptr.size == KG * geo.ROUNDS * KB + 1
     assert run_ptr[-1] == weight.nnz and np.all(np.diff(run_ptr) >= 0)
     runs = np.diff(run_ptr[::KB].astype(np.int64))
-    assert longest_run(run_ptr, KB) == max(1, runs.max())
+    assert longest_run(run_ptr, geo) == max(1, runs.max())
     got = replay(spec, geo, run_ptr, pairs, x, bias, knobs)
     ref = conv2d_reference(x, w, spec, bias)
     assert not np.isnan(got).any(), "an output position no band covers"

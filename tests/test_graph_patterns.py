@@ -19,7 +19,7 @@ from escort_tvm.compute import padded_input, sparse_conv_definition
 from schedules import CPUKnobs, CUDAKnobs, SparseConvCPU, SparseConvCUDA
 from schedules.base import csr_arrays
 from _helpers import (CONV_CASES, GLOBAL_FN, assert_close, conv_data, cuda_source, func_name, kernel_input,
-                      knob_cover, onnx_model, ort_reference, pruned, randn, staged_shape)
+                      knob_cover, onnx_model, ort_reference, pruned, randn, cover_shape)
 
 CASES = {name: (spec, sp) for name, spec, sp in CONV_CASES}
 
@@ -159,10 +159,7 @@ def test_cuda_kernel_with_residual_compiles_for_the_device(cuda_target, rng, i):
     """Every knob value, with the residual epilogue (ReLU on and off), still compiles to a __global__ kernel
     that takes the residual pointer (device runs are in the GPU check)."""
     knobs = CUDA_COVER[i]
-    from schedules.cuda import MASK_TAPS
-
-    takes = [n for n in CUDA_SHAPES if not (knobs.tap_mask and CASES[n][0].KH * CASES[n][0].KW > MASK_TAPS)]
-    spec, sp = CASES[staged_shape(knobs, CASES) if knobs.stage_input else takes[i % len(takes)]]
+    spec, sp = CASES[cover_shape(knobs, CASES, CUDA_SHAPES, i)]
     sw = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, sp), spec.groups)
     plan = SparseConvCUDA().apply(spec, sw, Epilogue(relu=bool(i % 2), residual=True), knobs)
     assert [p.name for p in plan.func.params][-3:] == ["bias", "residual", "y"]
