@@ -269,8 +269,8 @@ def _modules(mod):
 def _variants(rule, spec, weight, n):
     """The default knobs, its padding flipped on or off chip, the nonzeros split 4 ways and unrolled over
     small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks; a padded
-    conv's padding on chip by tap mask; the arrays prefetched into L2 first), on stride-1 convs three settings of
-    the staged-input form (one with its nonzeros split 4 ways), then seeded random settings up to n (small chunks
+    conv's padding on chip by tap mask; the arrays prefetched into L2 first), on stride-1 convs four settings of
+    the staged-input form (nonzeros split 4 ways; split 8 ways, whose partial sums outgrow the round buffers), then seeded random settings up to n (small chunks
     included, to hit the multi-chunk path)."""
     from schedules import CUDAKnobs
     from schedules.cuda import MASK_TAPS
@@ -290,7 +290,10 @@ def _variants(rule, spec, weight, n):
                            stage_input=True, stage_channels=4, unroll=8)
         out += [staged, staged.with_(threads_y=1, pixels_per_thread=4, channels_per_block=8, channel_slots=4,
                                      stage_channels=32, unroll=1),
-                staged.with_(threads_y=1, nonzero_split=4, stage_channels=16)]  # partial sums of 4 slices
+                staged.with_(threads_y=1, nonzero_split=4, stage_channels=16),  # partial sums of 4 slices
+                # 8 slices' partial sums of 8 channels x 8 pixels: more shared memory than two rounds of 4 planes
+                staged.with_(threads_y=1, pixels_per_thread=8, channels_per_block=8, channel_slots=1,
+                             nonzero_split=8, stage_channels=4)]
     rng = np.random.default_rng(len(out) + spec.K)
     while len(out) < n:
         kw = {name: vals[rng.integers(len(vals))] for name, vals in CUDAKnobs.SPACE.items()}

@@ -35,6 +35,10 @@ CASES = {
     "split4": (ConvSpec(N=1, C=12, H=13, W=13, K=6, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.7,
                STAGED.with_(nonzero_split=4, channel_slots=4, threads_y=1, stage_channels=8)),
     "all_zero": (ConvSpec(N=1, C=8, H=6, W=6, K=4, KH=3, KW=3, pad=(1, 1, 1, 1)), 1.0, STAGED),
+    # 8 slices' partial sums (8 channels x 8 pixels x 32 threads each) outgrow two rounds of 4 small planes
+    "split8_partials": (ConvSpec(N=1, C=9, H=8, W=8, K=16, KH=3, KW=3, pad=(1, 1, 1, 1)), 0.6,
+                        STAGED.with_(threads_y=1, pixels_per_thread=8, channels_per_block=8, channel_slots=1,
+                                     nonzero_split=8, stage_channels=4)),
 }
 
 
@@ -106,7 +110,16 @@ def test_staged_form_refuses_what_it_cannot_take(rng):
             STAGED.with_(**bad).validate()
 
 
-@pytest.mark.parametrize("case", ["3x3_pad1", "dilation_2x3", "batch3_1x1", "bands", "split4"])
+def test_partial_sums_size_the_buffer_where_they_outgrow_the_rounds(rng):
+    spec, sparsity, knobs = CASES["split8_partials"]
+    geo = StagedGeometry(spec, knobs)
+    run_ptr, _ = staged_arrays(SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, sparsity)), spec, geo)
+    run = longest_run(run_ptr, geo)
+    assert geo.PARTIALS == 7 * 8 * 8 * 32 > 2 * geo.S4 + 4 * run + geo.BOUNDS
+    assert geo.words(run) == geo.PARTIALS
+
+
+@pytest.mark.parametrize("case", ["3x3_pad1", "dilation_2x3", "batch3_1x1", "bands", "split4", "split8_partials"])
 def test_staged_kernel_compiles_to_a_device_kernel(cuda_target, rng, case):
     spec, sparsity, knobs = CASES[case]
     weight = SparseConvWeight.from_dense(pruned(rng, spec.weight_shape, sparsity), spec.groups)
