@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -163,6 +164,10 @@ class SpecializedKnobs(Knobs):
     # loads and taps that follow find it there instead of each waiting for HBM when first touched. A wash at
     # batch 1 (notes/specialized-codegen.md v20): no default takes it; a knob for the tuner.
     prefetch_l2: bool = False
+    # Each block walks its channel chunks starting at a different one (an offset from its work item), so the
+    # blocks of one group that run at the same time fetch different parts of the group's code: with the code
+    # cold in HBM (the first wave; the L2 flushed before every timed call), they all waited on the same line.
+    rotate_chunks: bool = False
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32, 64),
         "threads_x": (8, 16, 32, 64, 128),
@@ -184,6 +189,7 @@ class SpecializedKnobs(Knobs):
         "evict_first": (False, True),
         "block_split": (1, 2, 4, 8),
         "prefetch_l2": (False, True),
+        "rotate_chunks": (False, True),
     }
 
     def validate(self) -> None:
@@ -676,6 +682,15 @@ class SpecializedCUDA(SparseConvRule):
         return KernelPlan(func, kspec.H, kspec.W, arrays, self.name, knobs, spec, padded_input=knobs.pad_input)
 
 
+def _spread(n: int) -> int:
+    """A stride coprime to ``n`` near n / golden ratio: consecutive work items start ``n`` segments apart in
+    a low-discrepancy order, so any few blocks running at once start far from each other."""
+    s = max(1, round(n * 0.6180339887))
+    while math.gcd(s, n) != 1:
+        s += 1
+    return s
+
+
 def _tree(T, var, keys: list[int], leaf, exact: bool):
     """Binary tree of block-uniform branches on ``var`` over sorted ``keys``; ``leaf(key)`` emits a case.
 
@@ -865,6 +880,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 item = T.alloc_buffer((1,), "int32", scope="local")
                 T.buffer_store(item, took[0], [i32(0)])
                 grp, img, tile = item[0] // items, item[0] % items // geo.tiles, item[0] % geo.tiles
+            witem = img * geo.tiles + tile  # the block's work item within its group (rotate_chunks' offset)
             # threadIdx.z = (image of the block) * KS + (slice of the chunk loop)
             sz = (tz % KS if IB > 1 else tz) if KS > 1 else i32(0)
             sub = (tz // KS if KS > 1 else tz) if IB > 1 else i32(0)
@@ -972,22 +988,33 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     for t in range(TB):
                         for a_i in range(KG * PT):
                             T.buffer_store(parked, f32(0.0), [parked_at(t, a_i)])
+                trips = (lim[1] - lim[0] + (KS - 1)) // KS
+                if k.rotate_chunks:  # trip i takes the group's (i + first)-th chunk of this slice, wrapping
+                    first = T.alloc_buffer((1,), "int32", scope="local")
+                    T.buffer_store(first, T.truncmod(witem, T.max(trips, 1)), [i32(0)])
+
+                def chunk_at(i):
+                    """Slice sz's chunk of trip ``i``: lim[0] + sz, + KS, ... (rotated: from its ``first``-th)."""
+                    if k.rotate_chunks:
+                        i = T.truncmod(i + first[0], trips)
+                    return lim[0] + i * KS + sz
+
                 if k.prefetch:  # registers carry the next chunk while this one is computed
                     pre = [T.alloc_buffer((1,), "float32", scope="local") for _ in slots]
                     for r, (slot, cc, ti) in zip(pre, slots):
-                        T.buffer_store(r, chunk_value(lim[0] + sz, slot, cc, i32(ti)), [i32(0)])
-                # Slice sz takes chunks lim[0] + sz, + KS, ...; every slice runs the same trip count (barriers).
-                with T.serial(0, (lim[1] - lim[0] + (KS - 1)) // KS) as i:
-                    ci = lim[0] + i * KS + sz
+                        T.buffer_store(r, chunk_value(chunk_at(i32(0)), slot, cc, i32(ti)), [i32(0)])
+                # Every slice runs the same trip count (barriers).
+                with T.serial(0, trips) as i:
+                    ci = chunk_at(i)
                     for r, (slot, cc, ti) in enumerate(slots):
                         v = pre[r][0] if k.prefetch else chunk_value(ci, slot, cc, i32(ti))
                         T.buffer_store(sm, v, [mine(i32(ti)) + cc * PP + tid + slot * NT])
                     T.evaluate(T.tvm_storage_sync("shared"))
                     if k.prefetch:
-                        with T.If(ci + KS < lim[1]):
+                        with T.If(i + 1 < trips):
                             with T.Then():
                                 for r, (slot, cc, ti) in zip(pre, slots):
-                                    T.buffer_store(r, chunk_value(ci + KS, slot, cc, i32(ti)), [i32(0)])
+                                    T.buffer_store(r, chunk_value(chunk_at(i + 1), slot, cc, i32(ti)), [i32(0)])
 
                     def group_chunks(gi, t):
                         lo, hi = chunk_range[gi]
@@ -1045,6 +1072,20 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     slice_code(gi, taps_of(gi))
 
                 def slice_code(gi, taps):
+                    """The taps' code, one segment per channel chunk (rotate_chunks: a run-time loop over the
+                    segments from this block's own first one; else straight-line, in chunk order)."""
+                    chunks = sorted({t.c // CC for t in taps})
+                    if not k.rotate_chunks or len(chunks) < 2:
+                        chunk_code(taps)
+                        return
+                    n_seg = len(chunks)
+                    seg = T.alloc_buffer((1,), "int32", scope="local")
+                    with T.serial(0, n_seg) as i:
+                        T.buffer_store(seg, T.truncmod(i + witem * _spread(n_seg), n_seg), [i32(0)])
+                        _tree(T, seg[0], list(range(n_seg)),
+                              lambda j: chunk_code(tuple(t for t in taps if t.c // CC == chunks[j])), exact=False)
+
+                def chunk_code(taps):
                     if zero_page:  # a base per kernel position: in the input, or (in the padding) the zero page
                         # One block per (chunk of CC channels, position), so one base register is live at a time
                         # (nine at once took 80 registers against 48 on a 3x3 conv), and a chunk's positions run back

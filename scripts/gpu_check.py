@@ -131,7 +131,15 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("block_split_2_ip_2", "block_split", lambda v: 2, {"input_parts": 2, "channel_chunk": 4}),
                 ("block_split_8_direct", "block_split", lambda v: 8, {"stage_input": False, "channel_chunk": 4}),
                 # the grid asks L2 for the whole input first
-                ("prefetch_l2", "prefetch_l2", lambda v: True))
+                ("prefetch_l2", "prefetch_l2", lambda v: True),
+                # each block walks its chunks from its own first one: the staged loop, the unstaged taps'
+                # segments, with split slices (each rotates its own run), and with block_split runs
+                ("rotate", "rotate_chunks", lambda v: True),
+                ("rotate_direct", "rotate_chunks", lambda v: True, {"stage_input": False, "span_images": False}),
+                ("rotate_split_2", "rotate_chunks", lambda v: True, {"channel_split": 2}),
+                ("rotate_split_2_direct", "rotate_chunks", lambda v: True,
+                 {"channel_split": 2, "stage_input": False, "span_images": False}),
+                ("rotate_block_split_2", "rotate_chunks", lambda v: True, {"block_split": 2, "channel_chunk": 4}))
 SPEC_BASIC_CHANGES = 6
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels",
                    "batch16_13x13", "batch16_wide_3x3", "batch32_wide_1x1", "batch1_block_split",
@@ -157,14 +165,17 @@ def _spec_weight(rng, spec, kind):
     return magnitude_prune(w, kind)
 
 
-def _spec_variants(rule, spec, weight, all_changes: bool):
+def _spec_variants(rule, spec, weight, all_changes: bool, only: set[str] | None = None):
     """(name, knobs, reason): the default and the SPEC_CHANGES changes of it (all, or the first few); a change's
-    optional fourth element sets the other knobs it needs."""
+    optional fourth element sets the other knobs it needs. ``only``: just these variants (every case), and the
+    default."""
     from schedules import SpecializedKnobs
 
     d = rule.default_knobs(spec, weight)
     out, seen = [("default", d, None)], {d}
-    for name, field, change, *extra in SPEC_CHANGES if all_changes else SPEC_CHANGES[:SPEC_BASIC_CHANGES]:
+    changes = [c for c in SPEC_CHANGES if c[0] in only] if only is not None else \
+        SPEC_CHANGES if all_changes else SPEC_CHANGES[:SPEC_BASIC_CHANGES]
+    for name, field, change, *extra in changes:
         v = change(getattr(d, field))
         k = d.with_(**{field: v}, **(extra[0] if extra else {}))
         if v not in SpecializedKnobs.SPACE[field]:
@@ -182,16 +193,17 @@ def _spec_variants(rule, spec, weight, all_changes: bool):
         return out
     seen.add(span)
     # ... with 2 or 4 neighbouring pixels per thread (vector loads; a padded conv then reads the graph's padded
-    # input): check_shape refuses strided convs and rows that the pixels do not divide
-    for px in (2, 4):
-        k = span.with_(pixels_per_thread=px, pad_input=any(spec.pad))
-        out.append((f"span_px_{px}", k, None) if k not in seen else (f"span_px_{px}", None, "same knobs as an earlier "
-                                                                     "variant"))
+    # input): check_shape refuses strided convs and rows that the pixels do not divide; and rotated
+    for vname, k in [(f"span_px_{px}", span.with_(pixels_per_thread=px, pad_input=any(spec.pad))) for px in (2, 4)] \
+            + [("span_rotate", span.with_(rotate_chunks=True))]:
+        out.append((vname, k, None) if k not in seen else (vname, None, "same knobs as an earlier variant"))
         seen.add(k)
+    if only is not None:
+        out = [v for v in out if v[0] == "default" or v[0] in only]
     return out
 
 
-def prepare_specialized(d: Path, rng) -> list[dict]:
+def prepare_specialized(d: Path, rng, spec_only: set[str] | None = None) -> list[dict]:
     """Every SPEC_CASES case: one module (and .so) per case holding its variants; float64 references."""
     import tvm
 
@@ -219,7 +231,8 @@ def prepare_specialized(d: Path, rng) -> list[dict]:
             data["residual"] = res
         np.savez(d / f"spec_case_{name}.npz", **data)
         funcs, kernels = {}, []
-        for vi, (vname, knobs, reason) in enumerate(_spec_variants(rule, spec, weight, name in SPEC_KNOB_CASES)):
+        for vi, (vname, knobs, reason) in enumerate(_spec_variants(rule, spec, weight, name in SPEC_KNOB_CASES,
+                                                                   spec_only)):
             sym = f"s_{name}_{vi}"
             entry = {"case": name, "symbol": sym, "variant": vname, "so": f"spec_{name}.so",
                      "data": f"spec_case_{name}.npz", "spec": spec.to_dict(), "nnz": int(weight.nnz),
@@ -304,7 +317,8 @@ def _variants(rule, spec, weight, n):
     return out
 
 
-def prepare(d: Path, variants: int, parts: set[str] = frozenset({"models", "csr", "specialized"})) -> None:
+def prepare(d: Path, variants: int, parts: set[str] = frozenset({"models", "csr", "specialized"}),
+            spec_only: set[str] | None = None) -> None:
     import onnxruntime as ort
     import tvm
 
@@ -326,7 +340,7 @@ def prepare(d: Path, variants: int, parts: set[str] = frozenset({"models", "csr"
     prepare_cuda_build()
     if "specialized" in parts:
         t0 = time.time()
-        manifest["spec_kernels"] = prepare_specialized(d, np.random.default_rng(2027))
+        manifest["spec_kernels"] = prepare_specialized(d, np.random.default_rng(2027), spec_only)
         n = sum("skipped" not in e for e in manifest["spec_kernels"])
         print(f"prepared {n} specialised kernels over {len(SPEC_CASES)} cases in {time.time() - t0:.1f} s", flush=True)
     for batch in ((1, 4, 16) if "models" in parts else ()):  # 16: large-batch defaults (sm_affine)
@@ -490,6 +504,9 @@ def main() -> int:
     ap.add_argument("--variants", type=int, default=6, help="knob settings per conv case (prepare)")
     ap.add_argument("--parts", default="models,csr,specialized",
                     help="what prepare builds: models (whole CNNs), csr (the CSR kernel cases), specialized")
+    ap.add_argument("--spec-only", default=None,
+                    help="specialised variants to build on every case besides the default (names from SPEC_CHANGES, "
+                         "span, span_px_2, span_px_4, span_rotate), e.g. rotate,span_rotate")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     a = ap.parse_args()
     if a.command == "prepare":
@@ -497,7 +514,11 @@ def main() -> int:
         unknown = parts - {"models", "csr", "specialized"}
         if unknown:
             ap.error(f"unknown --parts {sorted(unknown)}")
-        prepare(a.dir, a.variants, parts)
+        only = {x.strip() for x in a.spec_only.split(",") if x.strip()} if a.spec_only else None
+        known = {c[0] for c in SPEC_CHANGES} | {"span", "span_px_2", "span_px_4", "span_rotate"}
+        if only and only - known:
+            ap.error(f"unknown --spec-only {sorted(only - known)}")
+        prepare(a.dir, a.variants, parts, only)
         return 0
     return run(a.dir, a.out)
 
