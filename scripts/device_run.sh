@@ -1,7 +1,8 @@
 #!/bin/bash
 # One call on the GPU machine: unpack the runtime-only TVM, check kernels (CHECK="dir [dir...]"),
 # measure each prepared bench folder given as an argument (BUDGET seconds each), ncu on NCU_LAYERS of the
-# first folder (once per regex in NCU_KERNELS, default escort_spec); everything lands in $OUT/run.tgz. On the build machine first:
+# first folder (once per regex in NCU_KERNELS, default escort_spec); CASES (indices or layer names) limits the bench
+# to those cases; everything lands in $OUT/run.tgz. On the build machine first:
 #   tar cJf .gpu/devbundle.tar.xz .devbundle   # ~4 MB of carry instead of 23 MB
 # then carry [".gpu/devbundle.tar.xz", "<bench folders>", "<CHECK folder>"] and run, e.g.
 #   CHECK=.gpu/check BUDGET=300 NCU_LAYERS=vgg16.conv4_2 bash scripts/device_run.sh .gpu/bench_b32
@@ -19,7 +20,8 @@ for C in $CHECK; do  # one or more gpu_check folders
 done
 for B in "$@"; do
   n=$(basename $B)
-  timeout $((BUDGET + 40)) python3 scripts/bench.py measure --bench-dir $B --out $O/$n --budget-s $BUDGET > $O/$n.log 2>&1
+  timeout $((BUDGET + 40)) python3 scripts/bench.py measure --bench-dir $B --out $O/$n --budget-s $BUDGET \
+    ${CASES:+--cases $CASES} > $O/$n.log 2>&1
   echo "bench $n rc=$?"; grep -A8 "Best of our kernels" $O/$n/bench.md | head -9
 done
 for L in $NCU_LAYERS; do
