@@ -88,6 +88,9 @@ ZERO_PAGE_TAPS = 25
 ROW_LAYOUT = ((5 * 5, 14 * 14), (3 * 3, 112 * 112))
 # A staged chunk's element with evict_first: loaded with __ldcs (SASS LDG.E.EF) where it lies in the image, else 0.
 LDCS_OR_ZERO = "#define escort_ldcs_or_zero(c, p) ((c) ? __ldcs(p) : 0.0f)\n"
+# The SM a block runs on (rotate_chunks' offset: blocks resident on one SM share it, and so their fetched code)
+SMID = ("static __device__ __forceinline__ int escort_smid() { unsigned s_; "
+        "asm volatile(\"mov.u32 %0, %%smid;\" : \"=r\"(s_)); return (int)s_; }\n")
 # At batch 1 the staged tiles are bound by instruction fetch (ncu on vgg16.conv2_2, docs/bench/final_b1: 9.7 of
 # 14.1 cycles per issued instruction stall on "no instruction"; the L2 flush leaves the code in HBM). The row
 # layout, with sm_affine where a group has many work items (its blocks then share one SM's instruction cache),
@@ -164,9 +167,9 @@ class SpecializedKnobs(Knobs):
     # loads and taps that follow find it there instead of each waiting for HBM when first touched. A wash at
     # batch 1 (notes/specialized-codegen.md v20): no default takes it; a knob for the tuner.
     prefetch_l2: bool = False
-    # Each block walks its channel chunks starting at a different one (an offset from its work item), so the
-    # blocks of one group that run at the same time fetch different parts of the group's code: with the code
-    # cold in HBM (the first wave; the L2 flushed before every timed call), they all waited on the same line.
+    # Each block walks its channel chunks starting at a different one (an offset from the SM it runs on), so the
+    # SMs running one group fetch different parts of the group's code at once: with the code cold in HBM (the
+    # first wave; the L2 flushed before every timed call), they all waited on the same line.
     rotate_chunks: bool = False
     SPACE: ClassVar = {
         "channels_per_thread": (1, 2, 4, 8, 16, 32, 64),
@@ -880,7 +883,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 item = T.alloc_buffer((1,), "int32", scope="local")
                 T.buffer_store(item, took[0], [i32(0)])
                 grp, img, tile = item[0] // items, item[0] % items // geo.tiles, item[0] % geo.tiles
-            witem = img * geo.tiles + tile  # the block's work item within its group (rotate_chunks' offset)
+            if k.rotate_chunks:  # this block's SM: its first chunk or segment (blocks on one SM share their code)
+                smid = T.alloc_buffer((1,), "int32", scope="local")
+                T.buffer_store(smid, cuda_func_call("escort_smid", source_code=SMID, return_type="int32"), [i32(0)])
             # threadIdx.z = (image of the block) * KS + (slice of the chunk loop)
             sz = (tz % KS if IB > 1 else tz) if KS > 1 else i32(0)
             sub = (tz // KS if KS > 1 else tz) if IB > 1 else i32(0)
@@ -953,11 +958,15 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 sm = T.alloc_buffer((staging_floats(spec, k.with_(channels_per_thread=KG)),), "float32",
                                     scope="shared")
             if k.stage_input:
-                lim = T.alloc_buffer((2,), "int32", scope="local")  # this group's chunk range
+                # this group's chunk range (and with rotate_chunks, the stride of its first chunk over the SMs)
+                lim = T.alloc_buffer((3 if k.rotate_chunks else 2,), "int32", scope="local")
 
                 def set_range(gi):
                     T.buffer_store(lim, i32(chunk_range[gi][0]), [i32(0)])
                     T.buffer_store(lim, i32(chunk_range[gi][1]), [i32(1)])
+                    if k.rotate_chunks:
+                        trips_g = -(-(chunk_range[gi][1] - chunk_range[gi][0]) // KS)
+                        T.buffer_store(lim, i32(_spread(max(trips_g, 1))), [i32(2)])
 
                 _tree(T, grp, list(range(len(part))), set_range, exact=False)
                 row0, col0 = tile_r * (geo.block_rows * sh) - pt, tile_c * (geo.block_cols * sw) - pl
@@ -991,7 +1000,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 trips = (lim[1] - lim[0] + (KS - 1)) // KS
                 if k.rotate_chunks:  # trip i takes the group's (i + first)-th chunk of this slice, wrapping
                     first = T.alloc_buffer((1,), "int32", scope="local")
-                    T.buffer_store(first, T.truncmod(witem, T.max(trips, 1)), [i32(0)])
+                    T.buffer_store(first, T.truncmod(smid[0] * lim[2], T.max(trips, 1)), [i32(0)])
 
                 def chunk_at(i):
                     """Slice sz's chunk of trip ``i``: lim[0] + sz, + KS, ... (rotated: from its ``first``-th)."""
@@ -1081,7 +1090,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     n_seg = len(chunks)
                     seg = T.alloc_buffer((1,), "int32", scope="local")
                     with T.serial(0, n_seg) as i:
-                        T.buffer_store(seg, T.truncmod(i + witem * _spread(n_seg), n_seg), [i32(0)])
+                        T.buffer_store(seg, T.truncmod(i + smid[0] * _spread(n_seg), n_seg), [i32(0)])
                         _tree(T, seg[0], list(range(n_seg)),
                               lambda j: chunk_code(tuple(t for t in taps if t.c // CC == chunks[j])), exact=False)
 
