@@ -557,7 +557,12 @@ class SpecializedCUDA(SparseConvRule):
             whole = base.with_(image_tile=True)
             kg_whole, ks_whole = self._fill(spec, whole, reuse)
             if ks_whole == 1 and _fits(spec, whole.with_(channels_per_thread=kg_whole, channel_chunk=8)):
-                base, kg, ks = whole, kg_whole, ks_whole
+                # ... each SM walking its group's chunks from its own first one (rotate_chunks): the first wave
+                # no longer waits on one cold code line per group. Batch 32, H200, against the same knobs in
+                # one call, twice (docs/bench/rot_b32, rot2_b32): alexnet.conv2 119.4 -> 103.2 and 122.6 -> 107.3
+                # us. Only these whole-image blocks (one per SM): on the layouts with several blocks of a group
+                # per SM it lost everywhere measured (+21% to 3.4x: notes/specialized-codegen.md v21).
+                base, kg, ks = whole.with_(rotate_chunks=True), kg_whole, ks_whole
         knobs = base.with_(channels_per_thread=kg, channel_chunk=8, channel_split=ks)
         # 64 channels per thread at batch >= 16 where it still fills the GPU unsplit, on a 1x1 flat row (half the
         # input re-reads and loads per FMA of 32) or where it makes a staged conv one group (its input read once):

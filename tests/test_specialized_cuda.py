@@ -335,7 +335,7 @@ def test_defaults_keep_threads_busy_at_large_batch(rng):
                          (ConvSpec(N=32, C=128, H=112, W=112, K=128, KH=3, KW=3, pad=(1, 1, 1, 1)), False)):  # conv2_2
         knobs = default(spec)
         assert knobs.span_images and not knobs.stage_input and not knobs.pad_input, spec
-        assert knobs.sm_affine == affine, spec
+        assert knobs.sm_affine == affine and not knobs.rotate_chunks, spec
         assert knobs.channel_chunk == (16 if spec.OH * spec.OW <= 28 * 28 else 8), spec  # tap blocks of 16 channels
         assert uses_zero_page(spec, knobs)
         row = knobs.threads_x * knobs.threads_y
@@ -347,8 +347,10 @@ def test_defaults_keep_threads_busy_at_large_batch(rng):
                  ConvSpec(N=32, C=64, H=56, W=56, K=64, KH=3, KW=3, pad=(1, 1, 1, 1))):  # l1.3x3: one group
         knobs = default(spec)
         assert knobs.stage_input and not knobs.span_images, spec
+        # whole-image blocks (alexnet.conv2) walk their chunks from their SM's own first one (notes v21)
+        assert knobs.rotate_chunks == knobs.image_tile == (spec.KH == 5), spec
     b1 = default(ConvSpec(N=1, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)))
-    assert not b1.image_tile and not b1.span_images
+    assert not b1.image_tile and not b1.span_images and not b1.rotate_chunks
     spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
     flat = default(spec)
     row = flat.threads_x * flat.threads_y  # 256 where the rule splits the row 4 ways (next test)
