@@ -64,9 +64,12 @@ def main() -> int:
     for (layer, n), rs in runs.items():
         spec = ConvSpec.from_dict(rs[-1]["spec"])
 
-        weight = SimpleNamespace(nnz=rs[-1]["nnz"])  # the cost rules and default knobs read nnz only
+        weight = SimpleNamespace(nnz=rs[-1]["nnz"])  # the cost rules (and most default knobs) read nnz only
         specialised = SpecializedCUDA().pays(spec, weight) is None
-        knobs = (SpecializedCUDA() if specialised else SparseConvCUDA()).default_knobs(spec, weight)
+        try:
+            knobs = (SpecializedCUDA() if specialised else SparseConvCUDA()).default_knobs(spec, weight)
+        except AttributeError:  # a rule that reads the weight's rows (batch >= 16 cuts): the run's default stands
+            knobs = None
 
         def chosen(r):
             """(ms, knobs matched, pad op ms) of the cost rule's kernel in run row ``r`` (CSR: ms includes the pad
