@@ -1016,7 +1016,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                 if k.prefetch:  # registers carry the next chunk while this one is computed
                     pre = [T.alloc_buffer((1,), "float32", scope="local") for _ in slots]
                     for r, (slot, cc, ti) in zip(pre, slots):
-                        T.buffer_store(r, chunk_value(chunk_at(i32(0)), slot, cc, i32(ti)), [i32(0)])
+                        first_chunk = chunk_at(i32(0)) if k.rotate_chunks else lim[0] + sz
+                        T.buffer_store(r, chunk_value(first_chunk, slot, cc, i32(ti)), [i32(0)])
                 # Every slice runs the same trip count (barriers).
                 with T.serial(0, trips) as i:
                     ci = chunk_at(i)
@@ -1024,8 +1025,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                         v = pre[r][0] if k.prefetch else chunk_value(ci, slot, cc, i32(ti))
                         T.buffer_store(sm, v, [mine(i32(ti)) + cc * PP + tid + slot * NT])
                     T.evaluate(T.tvm_storage_sync("shared"))
-                    if k.prefetch:
-                        with T.If(i + 1 < trips):
+                    if k.prefetch:  # (unrotated: the next chunk of this slice is still the group's)
+                        with T.If(i + 1 < trips if k.rotate_chunks else ci + KS < lim[1]):
                             with T.Then():
                                 for r, (slot, cc, ti) in zip(pre, slots):
                                     T.buffer_store(r, chunk_value(chunk_at(i + 1), slot, cc, i32(ti)), [i32(0)])
