@@ -1028,8 +1028,9 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                     if k.prefetch:  # (unrotated: the next chunk of this slice is still the group's)
                         with T.If(i + 1 < trips if k.rotate_chunks else ci + KS < lim[1]):
                             with T.Then():
+                                nxt = chunk_at(i + 1) if k.rotate_chunks else ci + KS
                                 for r, (slot, cc, ti) in zip(pre, slots):
-                                    T.buffer_store(r, chunk_value(chunk_at(i + 1), slot, cc, i32(ti)), [i32(0)])
+                                    T.buffer_store(r, chunk_value(nxt, slot, cc, i32(ti)), [i32(0)])
 
                     def group_chunks(gi, t):
                         lo, hi = chunk_range[gi]
