@@ -691,8 +691,8 @@ class SpecializedCUDA(SparseConvRule):
 
 
 def _spread(n: int) -> int:
-    """A stride coprime to ``n`` near n / golden ratio: consecutive work items start ``n`` segments apart in
-    a low-discrepancy order, so any few blocks running at once start far from each other."""
+    """A stride coprime to ``n`` near n / golden ratio: SM j starts at (j * stride) mod n, so neighbouring SMs
+    (which the work queues give the same group) start far apart and every start is used."""
     s = max(1, round(n * 0.6180339887))
     while math.gcd(s, n) != 1:
         s += 1
@@ -1025,7 +1025,8 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
                         v = pre[r][0] if k.prefetch else chunk_value(ci, slot, cc, i32(ti))
                         T.buffer_store(sm, v, [mine(i32(ti)) + cc * PP + tid + slot * NT])
                     T.evaluate(T.tvm_storage_sync("shared"))
-                    if k.prefetch:  # (unrotated: the next chunk of this slice is still the group's)
+                    # the next chunk while trips remain (rotated: a ragged slice's chunk past the group has no taps)
+                    if k.prefetch:
                         with T.If(i + 1 < trips if k.rotate_chunks else ci + KS < lim[1]):
                             with T.Then():
                                 nxt = chunk_at(i + 1) if k.rotate_chunks else ci + KS
@@ -1089,7 +1090,7 @@ def specialized_cuda_kernel(spec: ConvSpec, groups: list[ChannelGroup], epilogue
 
                 def slice_code(gi, taps):
                     """The taps' code, one segment per channel chunk (rotate_chunks: a run-time loop over the
-                    segments from this block's own first one; else straight-line, in chunk order)."""
+                    segments from its SM's own first one; else straight-line, in chunk order)."""
                     chunks = sorted({t.c // CC for t in taps})
                     if not k.rotate_chunks or len(chunks) < 2:
                         chunk_code(taps)
