@@ -36,7 +36,8 @@ from .base import LARGE_BATCH, KernelPlan, Knobs, SparseConvRule
 from .unrolled import ChannelGroup, unrolled_program
 
 SHARED_LIMIT = 48 * 1024  # static shared memory per block without opt-in
-WARPS_TO_FILL = 132 * 16  # H200: 132 SMs; 16 resident warps each hide most load latency
+SMS = 132  # H200 (and H100 SXM): the rules' wave counts
+WARPS_TO_FILL = SMS * 16  # 16 resident warps per SM hide most load latency
 # Code size grows with the nonzeros (one FMA instruction each), and so does compile time: with PTX
 # blocks ~0.07 ms of TVM lowering and ~0.2 ms of nvcc (mostly ptxas) per nonzero in kernels of
 # KERNEL_NONZEROS on the 2-core build machine, more in larger ones (docs/notes/specialized-codegen.md).
@@ -172,7 +173,7 @@ class SpecializedKnobs(Knobs):
     # first wave; the L2 flushed before every timed call), they all waited on the same line.
     rotate_chunks: bool = False
     SPACE: ClassVar = {
-        "channels_per_thread": (1, 2, 4, 8, 16, 32, 64),
+        "channels_per_thread": (1, 2, 4, 8, 16, 32, 48, 64),
         "threads_x": (8, 16, 32, 64, 128),
         "threads_y": (1, 2, 4, 8, 16),
         "stage_input": (True, False),
@@ -472,11 +473,15 @@ class SpecializedCUDA(SparseConvRule):
                 and weight.nnz <= SMALL_BATCH_MAX_NONZEROS)
 
     @staticmethod
+    def _blocks(spec: ConvSpec, k: SpecializedKnobs) -> int:
+        """Blocks of the whole grid: work items x channel groups."""
+        return _Geometry.of(spec, k).blocks_per_group(spec.N, k.images_per_block) * -(-spec.K // k.channels_per_thread)
+
+    @staticmethod
     def _warps(spec: ConvSpec, k: SpecializedKnobs) -> int:
         """Warps of the whole grid (what the fill rule counts)."""
         geo = _Geometry.of(spec, k)
-        return (geo.blocks_per_group(spec.N, k.images_per_block) * -(-spec.K // k.channels_per_thread)
-                * (geo.NT * k.channel_split * k.images_per_block // 32))
+        return SpecializedCUDA._blocks(spec, k) * (geo.NT * k.channel_split * k.images_per_block // 32)
 
     @staticmethod
     def _fill(spec: ConvSpec, base: SpecializedKnobs, reuse: bool) -> tuple[int, int]:
@@ -563,6 +568,13 @@ class SpecializedCUDA(SparseConvRule):
                 # us. Only these whole-image blocks (one per SM): on the layouts with several blocks of a group
                 # per SM it lost everywhere measured (+21% to 3.4x: notes/specialized-codegen.md v21).
                 base, kg, ks = whole.with_(rotate_chunks=True), kg_whole, ks_whole
+                # ... and 48 channels a thread where 32 leave a part-filled second wave of these one-per-SM blocks
+                # and 48 fit in one: batch 32, H200, same call (docs/bench/c48_b32): alexnet.conv2 (192 -> 128
+                # blocks on 132 SMs) 106.9 -> 64.9 us; 64 channels (96 blocks, spilling) 88.0.
+                wide = whole.with_(rotate_chunks=True, channels_per_thread=48, channel_chunk=8)
+                if (kg == 32 and self._blocks(spec, base.with_(channels_per_thread=32)) > SMS
+                        and self._blocks(spec, wide) <= SMS and _fits(spec, wide)):
+                    kg = 48
         knobs = base.with_(channels_per_thread=kg, channel_chunk=8, channel_split=ks)
         # 64 channels per thread at batch >= 16 where it still fills the GPU unsplit, on a 1x1 flat row (half the
         # input re-reads and loads per FMA of 32) or where it makes a staged conv one group (its input read once):

@@ -349,6 +349,12 @@ def test_defaults_keep_threads_busy_at_large_batch(rng):
         assert knobs.stage_input and not knobs.span_images, spec
         # whole-image blocks (alexnet.conv2) walk their chunks from their SM's own first one (notes v21)
         assert knobs.rotate_chunks == knobs.image_tile == (spec.KH == 5), spec
+    # 48 channels a thread where 32 would leave a part-filled second wave of one-per-SM image blocks (notes v23):
+    # alexnet.conv2 as the bench prunes it (64 -> 192 channels: 192 blocks at 32, 128 at 48); the 96 -> 256 one
+    # above stays at 32 (256 blocks, and 192 at 48: two waves either way)
+    conv2 = default(ConvSpec(N=32, C=64, H=27, W=27, K=192, KH=5, KW=5, pad=(2, 2, 2, 2)))
+    assert conv2.image_tile and conv2.rotate_chunks and conv2.channels_per_thread == 48
+    assert default(ConvSpec(N=32, C=96, H=27, W=27, K=256, KH=5, KW=5, pad=(2, 2, 2, 2))).channels_per_thread == 32
     b1 = default(ConvSpec(N=1, C=192, H=13, W=13, K=384, KH=3, KW=3, pad=(1, 1, 1, 1)))
     assert not b1.image_tile and not b1.span_images and not b1.rotate_chunks
     spec = ConvSpec(N=32, C=256, H=7, W=7, K=64, KH=1, KW=1)
