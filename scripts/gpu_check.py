@@ -139,7 +139,13 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("rotate_split_2", "rotate_chunks", lambda v: True, {"channel_split": 2}),
                 ("rotate_split_2_direct", "rotate_chunks", lambda v: True,
                  {"channel_split": 2, "stage_input": False, "span_images": False}),
-                ("rotate_block_split_2", "rotate_chunks", lambda v: True, {"block_split": 2, "channel_chunk": 4}))
+                ("rotate_block_split_2", "rotate_chunks", lambda v: True, {"block_split": 2, "channel_chunk": 4}),
+                # 48 accumulators per thread (a ragged last group where K is no multiple of 48), and as the batch-16+
+                # whole-image blocks take it (rotated)
+                ("cpt_48", "channels_per_thread", lambda v: 48, {"channel_split": 1}),
+                ("cpt_48_image_tile", "channels_per_thread", lambda v: 48,
+                 {"channel_split": 1, "image_tile": True, "rotate_chunks": True, "stage_input": True,
+                  "span_images": False, "pad_input": False, "pixels_per_thread": 1}))
 SPEC_BASIC_CHANGES = 6
 SPEC_KNOB_CASES = ("3x3", "1x1_flat", "11x11_s4", "5x3_asym_pad", "groups2", "odd_tiles", "batch32", "split_kernels",
                    "batch16_13x13", "batch16_wide_3x3", "batch32_wide_1x1", "batch1_block_split",
