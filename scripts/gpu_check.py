@@ -132,7 +132,7 @@ SPEC_CHANGES = (("stage_flip", "stage_input", lambda v: not v), ("prefetch_flip"
                 ("block_split_8_direct", "block_split", lambda v: 8, {"stage_input": False, "channel_chunk": 4}),
                 # the grid asks L2 for the whole input first
                 ("prefetch_l2", "prefetch_l2", lambda v: True),
-                # each block walks its chunks from its own first one: the staged loop, the unstaged taps'
+                # each SM walks a group's chunks from its own first one: the staged loop, the unstaged taps'
                 # segments, with split slices (each rotates its own run), and with block_split runs
                 ("rotate", "rotate_chunks", lambda v: True),
                 ("rotate_direct", "rotate_chunks", lambda v: True, {"stage_input": False, "span_images": False}),
@@ -289,8 +289,8 @@ def _variants(rule, spec, weight, n):
     """The default knobs, its padding flipped on or off chip, the nonzeros split 4 ways and unrolled over
     small chunks of 4 channels (the partial sums' shared memory reused across channels and chunks; a padded
     conv's padding on chip by tap mask; the arrays prefetched into L2 first), on stride-1 convs four settings of
-    the staged-input form (nonzeros split 4 ways; split 8 ways, whose partial sums outgrow the round buffers), then seeded random settings up to n (small chunks
-    included, to hit the multi-chunk path)."""
+    the staged-input form (nonzeros split 4 ways; split 8 ways, whose partial sums outgrow the round buffers),
+    then seeded random settings up to n (small chunks included, to hit the multi-chunk path)."""
     from schedules import CUDAKnobs
     from schedules.cuda import MASK_TAPS
 
