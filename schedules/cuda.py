@@ -26,7 +26,7 @@ from escort_tvm.conv_spec import ConvSpec
 from escort_tvm.sparse_format import SparseConvWeight
 
 from .base import LARGE_BATCH, KernelPlan, Knobs, SparseConvRule, csr_arrays
-from .cuda_staged import StagedGeometry, longest_run, staged_arrays, staged_kernel
+from .cuda_staged import StagedGeometry, longest_run, staged_arrays, staged_kernel, staged_run_ptr
 from .ptx_taps import l2_prefetch
 
 
@@ -272,7 +272,8 @@ def staged_batch1_knobs(spec: ConvSpec, weight: SparseConvWeight) -> CUDAKnobs |
         wide = base.with_(threads_y=1, pixels_per_thread=8, channels_per_block=8, channel_slots=8, stage_channels=32,
                           nonzero_split=2)
         narrow = wide.with_(pixels_per_thread=4)
-    blocks = StagedGeometry(spec, wide).BANDS * -(-spec.K // wide.channels_per_block)
+    wide_geo = StagedGeometry(spec, wide)
+    blocks = wide_geo.BANDS * wide_geo.KG
     cands = ([wide] if blocks >= STAGED_MIN_BLOCKS else []) + [narrow]
     for k in cands:
         try:
@@ -289,7 +290,7 @@ def _longest_run(spec: ConvSpec, weight, geo: StagedGeometry) -> int:
     given the nonzero count only, scripts/summarize_choice.py) its mean + 4 sqrt(mean) + 16, which bounds the
     count on the 8 layers the rule takes (magnitude-pruned to 90%: 1.04-1.25x the mean)."""
     if hasattr(weight, "row_ptr"):
-        return longest_run(staged_arrays(weight, spec, geo)[0], geo)
+        return longest_run(staged_run_ptr(weight, geo), geo)
     mean = geo.KB * weight.nnz * min(geo.CC, spec.C) / (spec.K * spec.C)
     return int(mean + 4 * mean ** 0.5 + 16)
 

@@ -68,6 +68,7 @@ class StagedGeometry:
         self.COPIES = -(-self.PLANE // self.NT) * self.CC
         self.S4 = -(-self.SIZE // 4) * 4  # one round's buffer, rounded to 16 bytes
         self.KB = k.channels_per_block
+        self.KG = -(-spec.K // self.KB)  # channel groups: blockIdx.y
         self.BOUNDS = self.ROUNDS * self.KB + 1  # a block's run bounds
         self.PARTIALS = (self.KS - 1) * self.KB * self.P * self.NTP  # slices 1..'s sums, at the end
         if 4 * max(2 * self.S4, self.PARTIALS) > SHARED_BYTES:
@@ -97,30 +98,45 @@ class StagedGeometry:
                              f"({spec.describe()})")
 
 
-def staged_arrays(weight: SparseConvWeight, spec: ConvSpec, g: StagedGeometry):
-    """run_ptr[KG * ROUNDS * KB + 1] and the nonzeros as int64 (offset in the round's planes | value bits << 32),
-    ordered by (channel group, round, channel): a block's nonzeros of one round are one run. The rows are sorted
-    by (channel, kh, kw), so a channel's nonzeros of one round are one run of its row."""
-    (dh, dw) = spec.dilation
-    K, KB = weight.K, g.KB
-    KG = -(-K // KB)
+def _round_cuts(weight: SparseConvWeight, g: StagedGeometry) -> np.ndarray:
+    """cut[k, r]: where row k's nonzeros of round r start (rows past K, up to whole channel groups, are empty).
+    The rows are sorted by (channel, kh, kw), so a channel's nonzeros of one round are one run of its row."""
     bounds = np.arange(g.ROUNDS + 1, dtype=np.int64) * g.CC
-    cut = np.zeros((KG * KB, g.ROUNDS + 1), np.int64)  # row k's nonzeros of round r: [cut[k, r], cut[k, r + 1])
-    for k in range(K):
+    cut = np.zeros((g.KG * g.KB, g.ROUNDS + 1), np.int64)  # row k's nonzeros of round r: [cut[k, r], cut[k, r + 1])
+    for k in range(weight.K):
         lo, hi = int(weight.row_ptr[k]), int(weight.row_ptr[k + 1])
         cut[k] = lo + np.searchsorted(weight.channel[lo:hi], bounds, side="left")
-    lengths = (cut[:, 1:] - cut[:, :-1]).reshape(KG, KB, g.ROUNDS).transpose(0, 2, 1)  # (group, round, channel)
+    return cut
+
+
+def _run_ptr(cut: np.ndarray, g: StagedGeometry) -> np.ndarray:
+    lengths = (cut[:, 1:] - cut[:, :-1]).reshape(g.KG, g.KB, g.ROUNDS).transpose(0, 2, 1)  # (group, round, channel)
     run_ptr = np.concatenate([[0], np.cumsum(lengths.reshape(-1))]).astype(np.int64)
     if run_ptr[-1] > np.iinfo(np.int32).max:
         raise ValueError(f"stage_input: {run_ptr[-1]} nonzeros exceed int32 indices")
+    return run_ptr.astype(np.int32)
+
+
+def staged_run_ptr(weight: SparseConvWeight, g: StagedGeometry) -> np.ndarray:
+    """The run bounds of staged_arrays alone: what sizing a block's shared run needs, without the reordering."""
+    return _run_ptr(_round_cuts(weight, g), g)
+
+
+def staged_arrays(weight: SparseConvWeight, spec: ConvSpec, g: StagedGeometry):
+    """run_ptr[KG * ROUNDS * KB + 1] and the nonzeros as int64 (offset in the round's planes | value bits << 32),
+    ordered by (channel group, round, channel): a block's nonzeros of one round are one run."""
+    (dh, dw) = spec.dilation
+    KB = g.KB
+    cut = _round_cuts(weight, g)
+    run_ptr = _run_ptr(cut, g)
     order = np.concatenate([np.arange(cut[kg * KB + m, r], cut[kg * KB + m, r + 1])
-                            for kg in range(KG) for r in range(g.ROUNDS) for m in range(KB)]).astype(np.int64)
+                            for kg in range(g.KG) for r in range(g.ROUNDS) for m in range(KB)]).astype(np.int64)
     if weight.nnz == 0:
-        return run_ptr.astype(np.int32), np.zeros(1, np.int64)
+        return run_ptr, np.zeros(1, np.int64)
     off = ((weight.channel.astype(np.int64) % g.CC) * g.PLANE + weight.kh.astype(np.int64) * dh * g.SP
            + weight.kw.astype(np.int64) * dw)
     bits = weight.values.astype(np.float32).view(np.uint32).astype(np.int64)
-    return run_ptr.astype(np.int32), (off | (bits << 32))[order]
+    return run_ptr, (off | (bits << 32))[order]
 
 
 def longest_run(run_ptr: np.ndarray, g: StagedGeometry) -> int:
@@ -140,8 +156,7 @@ def staged_kernel(spec: ConvSpec, nnz: int, epilogue: Epilogue, k, g: StagedGeom
     KB, KZ, U, KS = k.channels_per_block, k.channel_slots, k.unroll, k.nonzero_split
     CPT = KB // KZ  # channels each thread walks
     NTP, NT, P, CC, SP = g.NTP, g.NT, g.P, g.CC, g.SP
-    TH, PLANE, ROUNDS = g.TH, g.PLANE, g.ROUNDS
-    KG = -(-K // KB)
+    TH, PLANE, ROUNDS, KG = g.TH, g.PLANE, g.ROUNDS, g.KG
     NPTR = KG * ROUNDS * KB + 1
     RUN = max_run
     RL = -(-RUN // NT)  # a thread's share of a round's run

@@ -15,7 +15,7 @@ import tvm
 from escort_tvm import ConvSpec, Epilogue, SparseConvWeight
 from escort_tvm.compute import conv2d_reference
 from schedules import CUDAKnobs, SparseConvCUDA
-from schedules.cuda_staged import StagedGeometry, longest_run, staged_arrays
+from schedules.cuda_staged import StagedGeometry, longest_run, staged_arrays, staged_run_ptr
 from _helpers import GLOBAL_FN, cuda_source, func_name, pruned, randn
 
 STAGED = CUDAKnobs(threads_x=32, threads_y=2, pixels_per_thread=2, channels_per_block=4, channel_slots=2,
@@ -88,6 +88,7 @@ def test_staged_arrays_replay_the_reference(rng, case):
     KG = -(-spec.K // KB)
     assert run_ptr.dtype == np.int32 and pairs.dtype == np.int64 and run_ptr.size == KG * geo.ROUNDS * KB + 1
     assert run_ptr[-1] == weight.nnz and np.all(np.diff(run_ptr) >= 0)
+    assert np.array_equal(staged_run_ptr(weight, geo), run_ptr)  # what the rule sizes shared memory from
     runs = np.diff(run_ptr[::KB].astype(np.int64))
     assert longest_run(run_ptr, geo) == max(1, runs.max())
     got = replay(spec, geo, run_ptr, pairs, x, bias, knobs)
